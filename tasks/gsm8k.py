@@ -1,0 +1,92 @@
+"""`gsm8k`: openai/gsm8k (config `main`) from the hub, or local GSM8K-format jsonl given with `--data PATH`.
+
+PATH is a .jsonl file (its last 10% becomes the eval split) or a directory holding `train.jsonl` and
+`test.jsonl`. Every record needs a string `question` and an `answer` whose last line is `#### N`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from bench.errors import BenchError
+from tasks import register_task
+from tasks.base import Example, Task
+
+_FINAL = re.compile(r"####\s*\$?-?[0-9][0-9,]*(\.[0-9]+)?\s*$")
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    """Parse a GSM8K-format jsonl file; any malformed line is an error naming the file and line."""
+    out = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BenchError(f"{path}: cannot read: {e}") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchError(f"{path}:{lineno}: bad JSON: {e.msg}") from None
+        if not isinstance(record, dict):
+            raise BenchError(f"{path}:{lineno}: expected a JSON object with 'question' and 'answer'")
+        for key in ("question", "answer"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise BenchError(f"{path}:{lineno}: missing or empty string field {key!r}")
+        if not _FINAL.search(record["answer"].strip()):
+            raise BenchError(f"{path}:{lineno}: answer does not end with a final number '#### N'")
+        out.append(Example(question=record["question"], answer=record["answer"]))
+    if not out:
+        raise BenchError(f"{path}: no records")
+    return out
+
+
+class GSM8K(Task):
+    def __init__(self, data: str | None = None):
+        super().__init__("gsm8k", {"data": str(data) if data else "openai/gsm8k:main"})
+        self.data = Path(data) if data else None
+        self._splits: dict[str, list[Example]] | None = None
+
+    def _load(self) -> dict[str, list[Example]]:
+        if self.data is None:
+            return self._load_hub()
+        if self.data.is_dir():
+            files = {"train": self.data / "train.jsonl", "eval": self.data / "test.jsonl"}
+            missing = [str(p) for p in files.values() if not p.is_file()]
+            if missing:
+                raise BenchError(f"{self.data}: expected train.jsonl and test.jsonl; missing {', '.join(missing)}")
+            return {split: read_jsonl(p) for split, p in files.items()}
+        if self.data.is_file():
+            rows = read_jsonl(self.data)
+            if len(rows) < 2:
+                raise BenchError(f"{self.data}: need at least 2 records to split into train and eval")
+            cut = len(rows) - max(1, len(rows) // 10)
+            return {"train": rows[:cut], "eval": rows[cut:]}
+        raise BenchError(f"--data {self.data}: no such file or directory")
+
+    def _load_hub(self) -> dict[str, list[Example]]:
+        try:
+            import datasets
+            ds = datasets.load_dataset("openai/gsm8k", "main")
+        except Exception as e:  # offline, no cache, hub error: all are the user's setup, not a bug
+            raise BenchError(f"cannot load openai/gsm8k from the hub ({type(e).__name__}); "
+                             f"pass --data PATH with local GSM8K jsonl") from None
+        return {"train": [Example(r["question"], r["answer"]) for r in ds["train"]],
+                "eval": [Example(r["question"], r["answer"]) for r in ds["test"]]}
+
+    def examples(self, split: str) -> list[Example]:
+        if split == "dev":  # the harness uses dev only to calibrate; GSM8K has none, so reuse the train head
+            split_rows = self.examples("train")[:200]
+            return split_rows
+        if split not in ("train", "eval"):
+            raise BenchError(f"gsm8k: unknown split {split!r}; valid: train, eval")
+        if self._splits is None:
+            self._splits = self._load()
+        return self._splits[split]
+
+
+@register_task("gsm8k", "GSM8K: openai/gsm8k (main) from the hub, or local jsonl with --data PATH")
+def _make_gsm8k(data: str | None = None) -> Task:
+    return GSM8K(data=data)
