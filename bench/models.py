@@ -22,7 +22,7 @@ import torch
 from bench.errors import BenchError
 from bench.io import atomic_write_json, read_json
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 EOS = "<|endoftext|>"
 
 
@@ -48,7 +48,9 @@ class TinySpec:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({"v": BUILDER_VERSION, **asdict(self)}, sort_keys=True)
+        from tasks import get_task
+        task = get_task("synth-gsm", **self.task_params).describe()  # resolved defaults are part of the key
+        blob = json.dumps({"v": BUILDER_VERSION, **asdict(self), "task": task}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -192,6 +194,21 @@ def resolve_model_path(name: str, progress: bool = True) -> str:
     return name
 
 
+def _load_error(name: str, e: Exception) -> BenchError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return BenchError(f"cannot load model {name!r} (embedded models: {', '.join(EMBEDDED)}; or a Hugging Face id "
+                      f"or local path with safetensors weights): {first}")
+
+
+def load_config(name: str):
+    """The model's configuration only (no weights): enough to check ranks before any training."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e) from None
+
+
 def load_policy(name: str, device: str = "cpu", dtype: torch.dtype | None = None, attn: str | None = None,
                 progress: bool = True):
     """Load (model, tokenizer) in float32 on CPU (bf16 on GPU) from safetensors only."""
@@ -206,10 +223,7 @@ def load_policy(name: str, device: str = "cpu", dtype: torch.dtype | None = None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                      use_safetensors=True)
     except (OSError, ValueError) as e:
-        valid = ", ".join(EMBEDDED)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BenchError(f"cannot load model {name!r} (embedded models: {valid}; or a Hugging Face id / local "
-                         f"path with safetensors weights): {first}") from None
+        raise _load_error(name, e) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

@@ -1,0 +1,94 @@
+"""Method registry. A method is a small record of what it changes in the common GRPO recipe:
+
+- `init_lora_weights` / `adapter_init`: how the adapter starts (PEFT's own initializer, or a custom one);
+- `beta` and `grpo_overrides`: the objective (KL penalty, clipping, loss type);
+- `trainer_hooks`: code installed on the trainer (e.g. PROMA's gradient projection);
+- `reference`: the reference-policy rule used for `kl_ref` and the KL penalty (always the *initial* policy).
+
+The harness reads these fields and never branches on a method's name. Methods compose with `+`
+(e.g. `geora+kl`): each field comes from the one component that sets it; two components that set the same
+field differently are an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable
+
+from bench.errors import BenchError, unknown_name
+
+QWEN3_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    cite: str = ""
+    beta: float | None = None                   # KL coefficient toward the initial policy (None: unset -> 0)
+    grpo_overrides: dict = field(default_factory=dict)
+    init_lora_weights: bool | str | None = None  # PEFT initializer (None: unset -> True, i.e. B = 0)
+    adapter_init: Callable | None = None         # custom initializer: f(peft_model, params) under no_grad
+    trainer_hooks: tuple = ()                    # f(trainer, params) called once the trainer exists
+    params: dict = field(default_factory=dict)   # method parameters and their defaults (recorded in config.json)
+
+    def resolved_beta(self) -> float:
+        return 0.0 if self.beta is None else float(self.beta)
+
+    def resolved_init(self):
+        return True if self.init_lora_weights is None else self.init_lora_weights
+
+
+METHODS: dict[str, Method] = {}
+COMPONENTS: dict[str, Method] = {}  # composable parts that are not methods on their own (e.g. `kl`)
+
+
+def register(method: Method, component_only: bool = False) -> Method:
+    (COMPONENTS if component_only else METHODS)[method.name] = method
+    return method
+
+
+def _merge(a: Method, b: Method) -> Method:
+    merged = {}
+    for f in fields(Method):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if f.name in ("name", "summary", "cite"):
+            merged[f.name] = f"{va}+{vb}" if f.name == "name" else f"{va}; {vb}"
+        elif f.name == "trainer_hooks":
+            merged[f.name] = tuple(va) + tuple(vb)
+        elif f.name in ("grpo_overrides", "params"):
+            clash = {k for k in set(va) & set(vb) if va[k] != vb[k]}
+            if clash:
+                raise BenchError(f"cannot compose {a.name}+{b.name}: both set {sorted(clash)}")
+            merged[f.name] = {**va, **vb}
+        else:
+            empty = (None, ())
+            if va not in empty and vb not in empty and va != vb:
+                raise BenchError(f"cannot compose {a.name}+{b.name}: both set {f.name}")
+            merged[f.name] = va if va not in empty else vb
+    return Method(**merged)
+
+
+def get_method(name: str) -> Method:
+    """A registered method, or a `+`-composition of methods and components."""
+    parts = [p.strip() for p in name.split("+")]
+    pool = {**COMPONENTS, **METHODS}
+    for p in parts:
+        if p not in pool:
+            raise unknown_name("method", p, list(METHODS) + [f"+{c}" for c in COMPONENTS])
+    method = pool[parts[0]]
+    for p in parts[1:]:
+        method = _merge(method, pool[p])
+    return replace(method, name=name)
+
+
+def method_names(spec: str) -> list[str]:
+    """Expand a --methods value: `all` or a comma list."""
+    names = list(METHODS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise BenchError("--methods is empty")
+    for n in names:
+        get_method(n)
+    return names
+
+
+from methods import lora_grpo  # noqa: E402,F401  (register)

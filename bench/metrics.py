@@ -1,0 +1,177 @@
+"""Metrics measured identically for every method (definitions: shared/DESIGN.md, "Metrics").
+
+- kl_ref:  token-mean exact KL(pi_theta || pi_0) = sum_v p_theta(v) (log p_theta(v) - log p_0(v)), over the
+           completion tokens that pi_theta samples for a fixed, seeded probe set of held-out prompts. pi_0 is the
+           initial policy (for residual inits: residual + initial adapter), run by swapping the initial values of
+           the trainable tensors back in. Measured whatever the method's beta. kl_ref_k3 is TRL's k3 estimate
+           exp(q - p) - (q - p) - 1 on the sampled tokens, for comparison.
+- kl_step: per optimizer step, token-mean exact KL(pi_before || pi_after) on (a fixed-size subset of) that
+           step's rollouts.
+- entropy: token-mean full-vocabulary entropy -sum_v p log p of the policy on its rollouts (entropy, before
+           the step) and on the probe set (entropy_probe).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for each completion token up to and including the first EOS (TRL's convention), else 0."""
+    is_eos = completion_ids == eos_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, comp_mask) -> torch.Tensor:
+    """log softmax over the full vocabulary at every completion position: [B, Lc, V] in float32."""
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention = torch.cat([prompt_mask, comp_mask], 1)
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: count positions from the first token
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
+    logits = logits[:, prompt_ids.shape[1] - 1:-1].float()
+    return F.log_softmax(logits, dim=-1)
+
+
+def kl_sum(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """(sum over masked tokens of KL(p || q) over the vocabulary, number of tokens)."""
+    per_token = (logp.exp() * (logp - logq)).sum(-1)
+    return float((per_token * mask).sum()), int(mask.sum())
+
+
+def entropy_sum(logp: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((-(logp.exp() * logp).sum(-1) * mask).sum())
+
+
+def k3_sum(logp: torch.Tensor, logq: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> float:
+    lp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    lq = logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    d = lq - lp
+    return float(((d.exp() - d - 1) * mask).sum())
+
+
+class InitialPolicy:
+    """The reference-policy rule shared by all methods: pi_0 is the policy as the method built it.
+
+    It keeps a copy of every trainable tensor at construction; `active()` swaps those values in (exactly the
+    initial policy, including residual-initialized adapters), and swaps the current ones back afterwards.
+    """
+
+    def __init__(self, model):
+        self.saved = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def trainable(self):
+        return [p for p, _ in self.saved]
+
+    @contextmanager
+    def active(self):
+        current = [p.detach().clone() for p, _ in self.saved]
+        with torch.no_grad():
+            for p, initial in self.saved:
+                p.copy_(initial)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, _), value in zip(self.saved, current):
+                    p.copy_(value)
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+    def chunks(self, size: int):
+        for s in range(0, self.prompt_ids.shape[0], size):
+            yield RolloutBatch(self.prompt_ids[s:s + size], self.prompt_mask[s:s + size],
+                               self.completion_ids[s:s + size], self.completion_mask[s:s + size])
+
+    def logprobs(self, model) -> torch.Tensor:
+        return completion_logprobs(model, self.prompt_ids, self.prompt_mask, self.completion_ids,
+                                   self.completion_mask)
+
+
+@torch.no_grad()
+def kl_to_reference(model, reference: InitialPolicy, batch: RolloutBatch, chunk: int = 16) -> dict:
+    """kl_ref, kl_ref_k3 and entropy of the current policy on `batch` (sampled from the current policy)."""
+    kl = ent = k3 = 0.0
+    n = 0
+    for part in batch.chunks(chunk):
+        logp = part.logprobs(model)
+        with reference.active():
+            logq = part.logprobs(model)
+        mask = part.completion_mask.to(logp.dtype)
+        s, c = kl_sum(logp, logq, mask)
+        kl, n = kl + s, n + c
+        ent += entropy_sum(logp, mask)
+        k3 += k3_sum(logp, logq, part.completion_ids, mask)
+    n = max(n, 1)
+    return {"kl_ref": kl / n, "kl_ref_k3": k3 / n, "entropy_probe": ent / n}
+
+
+class ProbeSet:
+    """A fixed, seeded set of held-out prompts; each measurement samples from the current policy with the same
+    seed (under a forked RNG, so measuring never changes training's random stream)."""
+
+    def __init__(self, prompts: list, max_new_tokens: int, seed: int = 1234, temperature: float = 1.0):
+        self.prompts, self.max_new_tokens, self.seed, self.temperature = prompts, max_new_tokens, seed, temperature
+
+    def sample(self, model, tokenizer) -> RolloutBatch:
+        from bench.generation import generate
+        _, out = generate(model, tokenizer, self.prompts, self.max_new_tokens, greedy=False, seed=self.seed,
+                          temperature=self.temperature, batch_size=len(self.prompts))
+        parts = []
+        for prompt_ids, prompt_mask, completion_ids in out["batches"]:
+            parts.append((prompt_ids, prompt_mask, completion_ids,
+                          completion_mask(completion_ids, tokenizer.eos_token_id)))
+        (p, pm, c, cm), = parts  # one batch: the probe set is generated at once
+        return RolloutBatch(p, pm, c, cm)
+
+    def measure(self, model, tokenizer, reference: InitialPolicy) -> dict:
+        was_training = model.training
+        model.eval()
+        try:
+            batch = self.sample(model, tokenizer)
+            return kl_to_reference(model, reference, batch)
+        finally:
+            model.train(was_training)
+
+
+class StepKL:
+    """kl_step: exact KL between the policy before and after one optimizer step, on that step's rollouts."""
+
+    def __init__(self, max_seqs: int = 16):
+        self.max_seqs = max_seqs
+        self.batch: RolloutBatch | None = None
+        self.before: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def capture_before(self, model, batch: RolloutBatch) -> dict:
+        was_training = model.training
+        model.eval()
+        self.batch = RolloutBatch(*(t[:self.max_seqs] for t in (batch.prompt_ids, batch.prompt_mask,
+                                                                  batch.completion_ids, batch.completion_mask)))
+        self.before = self.batch.logprobs(model)
+        model.train(was_training)
+        mask = self.batch.completion_mask.to(self.before.dtype)
+        return {"entropy": entropy_sum(self.before, mask) / max(1, int(mask.sum()))}
+
+    @torch.no_grad()
+    def after_step(self, model) -> dict:
+        if self.batch is None:
+            return {}
+        was_training = model.training
+        model.eval()
+        after = self.batch.logprobs(model)
+        model.train(was_training)
+        mask = self.batch.completion_mask.to(after.dtype)
+        s, n = kl_sum(self.before, after, mask)
+        self.batch = self.before = None
+        return {"kl_step": s / max(n, 1)}

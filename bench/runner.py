@@ -1,0 +1,270 @@
+"""One run: RunSpec -> trained policy -> run directory (config.json, metrics.jsonl, summary.json).
+
+Data flow: task (prompts + reward) -> method (policy) -> TRL GRPOTrainer (engine) -> bench.metrics.
+Interrupted runs resume from the last checkpoint (every `checkpoint_every` steps); finished runs are skipped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from bench.errors import BenchError
+from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
+from bench.spec import RunSpec
+
+DONE = ("ok", "diverged")  # finished states; a `failed` run is retried when the sweep is re-run
+
+
+class Diverged(Exception):
+    pass
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+    import trl
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "peft": peft.__version__, "bench": __import__("bench").__version__}
+
+
+def git_sha() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes one metrics.jsonl row per optimizer step (row 0: before any update)."""
+
+    PHASES = ("generation", "reference", "policy", "metrics")
+    TRL_KEYS = {"reward": "reward", "reward_std": "reward_std", "loss": "loss", "grad_norm": "grad_norm",
+                "kl": "kl_trl", "entropy": "entropy_trl", "clip_ratio/region_mean": "clip_ratio",
+                "completions/mean_length": "completion_length", "frac_reward_zero_std": "frac_reward_zero_std"}
+
+    def __init__(self, path: Path, probe, reference, tokenizer, spec: RunSpec, rows: list, bar=None):
+        self.path, self.probe, self.reference, self.tokenizer = path, probe, reference, tokenizer
+        self.spec, self.rows, self.bar = spec, rows, bar
+        self.trainer = None
+        self.pending: dict | None = None
+
+    def _snapshot(self):
+        return {k: self.trainer.phase_seconds[k] for k in self.PHASES}, self.trainer.generated_tokens, \
+            time.perf_counter()
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.last = self._snapshot()
+        if state.global_step == 0 and not self.rows:
+            with self.trainer.timed("metrics"):
+                m = self.probe.measure(model, self.tokenizer, self.reference)
+            self.rows.append({"step": 0, **m, "entropy": m["entropy_probe"]})
+            atomic_write_jsonl(self.path, self.rows)
+            self.last = self._snapshot()
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if not all(torch.isfinite(p).all() for p in self.reference.trainable()):
+            raise Diverged(f"parameters not finite after step {state.global_step}")
+        row = {"step": state.global_step}
+        with self.trainer.timed("metrics"):
+            row.update(self.trainer.step_metrics)
+            row.update(self.trainer.step_kl.after_step(model))
+            if state.global_step % self.spec.probe_every == 0 or state.global_step == state.max_steps:
+                row.update(self.probe.measure(model, self.tokenizer, self.reference))
+        self.trainer.step_metrics = {}
+        phases, tokens, now = self._snapshot()
+        (prev_phases, prev_tokens, prev_now) = self.last
+        for k in self.PHASES:
+            row[f"time_{k}"] = phases[k] - prev_phases[k]
+        row["step_seconds"] = now - prev_now - row["time_metrics"]  # the method's own cost, metrics excluded
+        row["time_other"] = row["step_seconds"] - row["time_generation"] - row["time_reference"] - row["time_policy"]
+        row["tokens"] = tokens - prev_tokens
+        self.last = (phases, tokens, now)
+        self.pending = row
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.pending is None or logs is None or "loss" not in logs:
+            return
+        row, self.pending = self.pending, None
+        for key, name in self.TRL_KEYS.items():
+            if logs.get(key) is not None:
+                row[name] = float(logs[key])
+        self.rows.append(row)
+        atomic_write_jsonl(self.path, self.rows)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(reward=f"{row.get('reward', float('nan')):.2f}", kl_step=f"{row['kl_step']:.1e}")
+        bad = [k for k in ("loss", "grad_norm") if k in row and not math.isfinite(row[k])]
+        if bad:
+            raise Diverged(f"{' and '.join(bad)} not finite at step {row['step']}")
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1) -> dict:
+    """Run (or skip, or resume) one run; always leaves a summary.json with its status."""
+    run_dir = Path(run_dir)
+    summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
+    if config_path.is_file() and read_json(config_path).get("spec_key") != spec.key():
+        raise BenchError(f"{run_dir} holds run {spec.run_id} with a different configuration; use another --out")
+    if summary_path.is_file():
+        old = read_json(summary_path)
+        if old.get("status") in DONE:
+            return old
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from methods import get_method
+    method = get_method(spec.method)
+    atomic_write_json(config_path, {
+        "spec": spec.to_dict(), "spec_key": spec.key(), "run_id": spec.run_id,
+        "method": {"name": method.name, "summary": method.summary, "cite": method.cite, "beta": method.resolved_beta(),
+                   "init_lora_weights": str(method.resolved_init()), "params": method.params,
+                   "grpo_overrides": method.grpo_overrides},
+        "versions": versions(), "git_sha": git_sha(), "machine": {"platform": platform.platform(),
+                                                                   "cpus": os.cpu_count()}})
+    t0 = time.perf_counter()
+    summary = {"run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed}
+    try:
+        summary.update(_train(spec, method, run_dir, progress, position))
+        summary["status"] = "ok"
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    except Diverged as e:
+        summary.update(status="diverged", error=str(e))
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # a failing run is recorded (traceback in error.log) and the sweep goes on
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}".strip().splitlines()[0][:500])
+        atomic_write_text(run_dir / "error.log", traceback.format_exc())
+    summary["run_seconds"] = round(time.perf_counter() - t0, 2)
+    if summary["status"] != "ok" and (run_dir / "metrics.jsonl").is_file():
+        summary.update(_aggregate(read_jsonl(run_dir / "metrics.jsonl")))
+    atomic_write_json(summary_path, summary)
+    return summary
+
+
+def _aggregate(rows: list[dict]) -> dict:
+    steps = [r for r in rows if r["step"] > 0]
+    probes = [r for r in rows if "kl_ref" in r]
+    last = probes[-1] if probes else {}
+    rewards = [r.get("reward") for r in steps if r.get("reward") is not None]
+    tail = max(1, len(rewards) // 4)
+    out = {
+        "steps_done": steps[-1]["step"] if steps else 0,
+        "kl_ref": last.get("kl_ref"), "kl_ref_k3": last.get("kl_ref_k3"),
+        "kl_step": _mean(r.get("kl_step") for r in steps),
+        "kl_step_max": max((r["kl_step"] for r in steps if "kl_step" in r), default=None),
+        "entropy": last.get("entropy_probe"), "entropy_base": rows[0].get("entropy_probe") if rows else None,
+        "entropy_rollout": _mean(r.get("entropy") for r in steps[-tail:]),
+        "reward": _mean(rewards[-tail:]), "reward_first": _mean(rewards[:tail]),
+    }
+    for phase in ("generation", "reference", "policy", "other", "metrics"):
+        out[f"time_{phase}_s"] = round(sum(r.get(f"time_{phase}", 0.0) for r in steps), 3)
+    out["wall_clock_s"] = round(sum(r.get("step_seconds", 0.0) for r in steps), 3)
+    tokens = sum(r.get("tokens", 0) for r in steps)
+    out["tokens_per_s"] = tokens / out["wall_clock_s"] if out["wall_clock_s"] else None
+    return out
+
+
+def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int) -> dict:
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    from bench.engine import BenchGRPOTrainer, grpo_config
+    from bench.generation import greedy_accuracy
+    from bench.metrics import InitialPolicy, ProbeSet, StepKL
+    from bench.models import load_policy, uses_chat_template
+    from bench.policy import build_policy, trainable_parameters
+    from tasks import RewardConfig, chat_prompt, get_task, plain_prompt
+
+    device = resolve_device(spec.device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    task = get_task(spec.task, **spec.task_params)
+    model, tokenizer = load_policy(spec.model, device=device, progress=progress)
+    to_prompt = chat_prompt if uses_chat_template(tokenizer) else plain_prompt
+    train, evals = task.examples("train"), task.examples("eval")
+    if spec.eval_size is not None:
+        evals = evals[:spec.eval_size]
+    probe_examples = evals[:spec.probe_size]
+
+    t_init = time.perf_counter()
+    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed)
+    init_seconds = time.perf_counter() - t_init
+    reference = InitialPolicy(policy)
+    eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
+    eval_tokens = spec.max_completion_length
+    t_eval = time.perf_counter()
+    base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens)
+    eval_seconds = time.perf_counter() - t_eval
+
+    funcs, weights = RewardConfig(**spec.reward).funcs_and_weights()
+    dataset = Dataset.from_list([{"prompt": to_prompt(e.question), "gold": e.gold} for e in train])
+    args = grpo_config(spec, method, str(run_dir / "checkpoints"), weights, chat=to_prompt is chat_prompt,
+                       use_cpu=device == "cpu")
+    metrics_path = run_dir / "metrics.jsonl"
+    checkpoint = _latest_checkpoint(run_dir)
+    rows = []
+    if checkpoint is not None and metrics_path.is_file():
+        done = int(checkpoint.name.split("-")[-1])
+        rows = [r for r in read_jsonl(metrics_path) if r["step"] <= done]
+    else:
+        checkpoint = None
+    bar = tqdm(total=spec.steps, initial=max((r["step"] for r in rows), default=0), desc=spec.run_id,
+               position=position, leave=False, disable=not progress)
+    probe = ProbeSet([to_prompt(e.question) for e in probe_examples], spec.max_completion_length, seed=spec.seed)
+    callback = MetricsCallback(metrics_path, probe, reference, tokenizer, spec, rows, bar)
+    trainer = BenchGRPOTrainer(model=policy, reward_funcs=funcs, args=args, train_dataset=dataset,
+                               processing_class=tokenizer, callbacks=[callback], step_kl=StepKL(spec.kl_step_seqs))
+    callback.trainer = trainer
+    trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict
+    for hook in method.trainer_hooks:
+        hook(trainer, dict(method.params))
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        bar.close()
+    final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens)
+    out = _aggregate(rows)
+    out.update({
+        "status": "ok", "accuracy_base": base["accuracy"], "accuracy": final["accuracy"],
+        "accuracy_gain": final["accuracy"] - base["accuracy"],
+        "accuracy_flexible_base": base["accuracy_flexible"], "accuracy_flexible": final["accuracy_flexible"],
+        "eval_n": base["n"], "eval_seconds": round(eval_seconds, 3), "init_seconds": round(init_seconds, 4),
+        "trainable_params": trainable_parameters(policy), "peak_mem_mb": round(peak_memory_mb(device), 1),
+        "device": device, "resumed_from": checkpoint.name if checkpoint else None,
+    })
+    return out

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GSM8K_DIR = SHARED / "data" / "gsm8k"
+
+
+@pytest.fixture
+def gsm8k_dir():
+    if not (GSM8K_DIR / "test.jsonl").is_file():
+        pytest.skip("../shared/data/gsm8k is absent")
+    return GSM8K_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The embedded model, built once (cached under BENCH_CACHE) and loaded fresh per use via load()."""
+    from bench.models import build_tiny
+    return build_tiny(progress=False)

@@ -1,0 +1,123 @@
+"""End-to-end runs on the embedded tiny model with a tiny budget: names, statuses, determinism, resume."""
+import json
+
+import pytest
+import torch
+
+from bench.io import read_json, read_jsonl
+from bench.runner import run_one
+from bench.spec import RunSpec
+from methods import METHODS, Method
+
+SMALL = dict(steps=2, eval_size=12, probe_size=6, probe_every=1, kl_step_seqs=4, checkpoint_every=2,
+             max_completion_length=48)
+TIMING = ("step_seconds", "time_generation", "time_reference", "time_policy", "time_other", "time_metrics")
+
+
+def _run(tmp_path, tiny, name="run", **kw):
+    spec = RunSpec(**{"method": "kl_free_lora", "rank": 4, **SMALL, **kw})
+    return spec, run_one(spec, tmp_path / name, progress=False)
+
+
+def _rows(tmp_path, name="run"):
+    return read_jsonl(tmp_path / name / "metrics.jsonl")
+
+
+def test_kl_free_run_writes_all_metrics(tmp_path, tiny):
+    spec, s = _run(tmp_path, tiny)
+    assert s["status"] == "ok", s.get("error")
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert abs(rows[0]["kl_ref"]) < 1e-6  # before any update, pi_theta == pi_0
+    assert rows[-1]["kl_ref"] > 0 and rows[1]["kl_step"] > 0
+    for r in rows[1:]:
+        for key in ("kl_step", "entropy", "loss", "grad_norm", "tokens") + TIMING:
+            assert key in r, key
+        assert r["time_reference"] == 0.0  # beta = 0: no reference forward at all
+        assert "kl_trl" not in r
+        parts = r["time_generation"] + r["time_reference"] + r["time_policy"] + r["time_other"]
+        assert parts == pytest.approx(r["step_seconds"])
+    for key in ("accuracy_base", "accuracy", "accuracy_gain", "kl_ref", "kl_step", "entropy", "reward",
+                "wall_clock_s", "trainable_params", "peak_mem_mb", "tokens_per_s"):
+        assert s[key] is not None, key
+    assert s["accuracy_gain"] == pytest.approx(s["accuracy"] - s["accuracy_base"])
+    cfg = read_json(tmp_path / "run" / "config.json")
+    assert cfg["versions"]["trl"] == "1.16.0" and cfg["git_sha"] and cfg["spec"]["rank"] == 4
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_trainable_params_equal_lora_count(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    expected = sum(4 * (m.in_features + m.out_features) for n, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.split(".")[-1].endswith("proj"))
+    _, s = _run(tmp_path, tiny, steps=1)
+    assert s["trainable_params"] == expected
+
+
+def test_kl_grpo_runs_reference_forwards_and_logs_trl_kl(tmp_path, tiny):
+    _, s = _run(tmp_path, tiny, method="kl_grpo")
+    assert s["status"] == "ok", s.get("error")
+    rows = _rows(tmp_path)
+    assert sum(r["time_reference"] for r in rows[1:]) > 0
+    assert all("kl_trl" in r for r in rows[1:])
+    assert abs(rows[0]["kl_ref"]) < 1e-6 and rows[-1]["kl_ref"] > 0
+
+
+def test_same_seed_same_metrics(tmp_path, tiny):
+    _run(tmp_path, tiny, name="a")
+    _run(tmp_path, tiny, name="b")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(_rows(tmp_path, "a")) == strip(_rows(tmp_path, "b"))
+    _run(tmp_path, tiny, name="c", seed=1)
+    assert strip(_rows(tmp_path, "c")) != strip(_rows(tmp_path, "a"))
+
+
+def test_finished_run_is_skipped(tmp_path, tiny):
+    _, first = _run(tmp_path, tiny, steps=1)
+    _, again = _run(tmp_path, tiny, steps=1)
+    assert again == first  # read back, not re-run
+
+
+def test_changed_configuration_in_same_directory_is_refused(tmp_path, tiny):
+    from bench.errors import BenchError
+    _run(tmp_path, tiny, steps=1)
+    with pytest.raises(BenchError, match="different configuration"):
+        _run(tmp_path, tiny, steps=2)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_from_checkpoint(tmp_path, tiny, monkeypatch):
+    from bench import runner
+    original = runner.MetricsCallback.on_log
+
+    def crash_after_step_3(self, args, state, control, logs=None, **kw):
+        original(self, args, state, control, logs=logs, **kw)
+        if state.global_step == 3 and logs and "loss" in logs:
+            raise _Interrupt()
+
+    monkeypatch.setattr(runner.MetricsCallback, "on_log", crash_after_step_3)
+    _, s = _run(tmp_path, tiny, name="cut", steps=4)
+    assert s["status"] == "failed" and (tmp_path / "cut" / "checkpoints" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(runner.MetricsCallback, "on_log", original)
+    _, s = _run(tmp_path, tiny, name="cut", steps=4)
+    assert s["status"] == "ok" and s["resumed_from"] == "checkpoint-2"
+    assert [r["step"] for r in _rows(tmp_path, "cut")] == [0, 1, 2, 3, 4]
+
+
+def test_nan_gradients_are_recorded_as_diverged(tmp_path, tiny):
+    def poison(trainer, params):
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g: g * float("nan"))
+
+    METHODS["nan_test"] = Method(name="nan_test", summary="test only", trainer_hooks=(poison,))
+    try:
+        _, s = _run(tmp_path, tiny, method="nan_test")
+    finally:
+        del METHODS["nan_test"]
+    assert s["status"] == "diverged" and "not finite" in s["error"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
