@@ -215,6 +215,8 @@ def load_policy(name: str, device: str = "cpu", dtype: torch.dtype | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name, progress)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per run would bury the sweep's own bars
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     attn = attn or ("eager" if device == "cpu" else "sdpa")

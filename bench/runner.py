@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 import os
 import platform
-import resource
 import shutil
 import subprocess
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -56,10 +56,39 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+class PeakMemory:
+    """Peak memory of one run: GPU max allocated on CUDA; on CPU the process's resident set, sampled every 20 ms
+    (ru_maxrss would carry an earlier run's peak over to every later run of an in-process sweep)."""
+
+    def __init__(self, device: str):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import psutil
+            process = psutil.Process()
+
+            def sample():
+                while not self._stop.wait(0.02):
+                    self.peak = max(self.peak, process.memory_info().rss)
+            self.peak = process.memory_info().rss
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak / 2**20, 1)
 
 
 class MetricsCallback(TrainerCallback):
@@ -75,6 +104,7 @@ class MetricsCallback(TrainerCallback):
         self.spec, self.rows, self.bar = spec, rows, bar
         self.trainer = None
         self.pending: dict | None = None
+        self.last_reward = float("nan")
 
     def _snapshot(self):
         return {k: self.trainer.phase_seconds[k] for k in self.PHASES}, self.trainer.generated_tokens, \
@@ -85,7 +115,8 @@ class MetricsCallback(TrainerCallback):
         if state.global_step == 0 and not self.rows:
             with self.trainer.timed("metrics"):
                 m = self.probe.measure(model, self.tokenizer, self.reference)
-            self.rows.append({"step": 0, **m, "entropy": m["entropy_probe"]})
+            # before any update: no step has happened and no rollout exists yet
+            self.rows.append({"step": 0, **m, "entropy": m["entropy_probe"], "kl_step": None, "reward": None})
             atomic_write_jsonl(self.path, self.rows)
             self.last = self._snapshot()
 
@@ -120,7 +151,9 @@ class MetricsCallback(TrainerCallback):
         atomic_write_jsonl(self.path, self.rows)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(reward=f"{row.get('reward', float('nan')):.2f}", kl_step=f"{row['kl_step']:.1e}")
+            if "reward" in row:
+                self.last_reward = row["reward"]
+            self.bar.set_postfix(reward=f"{self.last_reward:.2f}", kl_step=f"{row['kl_step']:.1e}")
         bad = [k for k in ("loss", "grad_norm") if k in row and not math.isfinite(row[k])]
         if bad:
             raise Diverged(f"{' and '.join(bad)} not finite at step {row['step']}")
@@ -200,6 +233,14 @@ def _aggregate(rows: list[dict]) -> dict:
 
 
 def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int) -> dict:
+    device = resolve_device(spec.device)
+    with PeakMemory(device) as memory:
+        out = _train_measured(spec, method, run_dir, progress, position, device)
+    out["peak_mem_mb"] = memory.mb
+    return out
+
+
+def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, device: str) -> dict:
     from datasets import Dataset
     from tqdm.auto import tqdm
 
@@ -210,9 +251,6 @@ def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int) 
     from bench.policy import build_policy, trainable_parameters
     from tasks import RewardConfig, chat_prompt, get_task, plain_prompt
 
-    device = resolve_device(spec.device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
     task = get_task(spec.task, **spec.task_params)
     model, tokenizer = load_policy(spec.model, device=device, progress=progress)
     to_prompt = chat_prompt if uses_chat_template(tokenizer) else plain_prompt
@@ -264,7 +302,7 @@ def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int) 
         "accuracy_gain": final["accuracy"] - base["accuracy"],
         "accuracy_flexible_base": base["accuracy_flexible"], "accuracy_flexible": final["accuracy_flexible"],
         "eval_n": base["n"], "eval_seconds": round(eval_seconds, 3), "init_seconds": round(init_seconds, 4),
-        "trainable_params": trainable_parameters(policy), "peak_mem_mb": round(peak_memory_mb(device), 1),
+        "trainable_params": trainable_parameters(policy),
         "device": device, "resumed_from": checkpoint.name if checkpoint else None,
     })
     return out

@@ -30,7 +30,7 @@ class RunSpec:
     task_params: dict = field(default_factory=dict)
     model: str = "tiny"
     steps: int = 60
-    lr: float = 1e-3
+    lr: float = 5e-4
     alpha: float | None = None          # LoRA alpha; None -> alpha = rank (scaling 1)
     num_generations: int = 8            # G completions per prompt
     micro_batch: int = 16               # completions per micro-batch

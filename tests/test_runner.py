@@ -106,6 +106,10 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path, tiny, monkeypatch):
     _, s = _run(tmp_path, tiny, name="cut", steps=4)
     assert s["status"] == "ok" and s["resumed_from"] == "checkpoint-2"
     assert [r["step"] for r in _rows(tmp_path, "cut")] == [0, 1, 2, 3, 4]
+    _, whole = _run(tmp_path, tiny, name="whole", steps=4)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(_rows(tmp_path, "cut")) == strip(_rows(tmp_path, "whole"))
+    assert s["accuracy"] == whole["accuracy"]
 
 
 def test_nan_gradients_are_recorded_as_diverged(tmp_path, tiny):
