@@ -11,7 +11,7 @@ from bench.errors import BenchError
 
 DEFAULTS = {"methods": "all", "ranks": "4,16,64", "seeds": "0", "task": "synth-gsm", "model": "tiny",
             "data": None, "out": None, "steps": None, "lr": None, "alpha": None, "eval_size": None,
-            "device": "auto", "task_param": []}
+            "device": "auto", "task_param": [], "set": []}
 RUN_KEYS = set(DEFAULTS) | {"config", "no_progress"}
 
 
@@ -35,7 +35,10 @@ def _task_params(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise BenchError(f"bad --task-param {pair!r}: expected KEY=VALUE")
         key, value = pair.split("=", 1)
-        params[key.strip()] = yaml.safe_load(value)
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:  # e.g. ops=*/ is not valid YAML: keep the text
+            params[key.strip()] = value
     return params
 
 
@@ -59,7 +62,7 @@ def load_config_file(path: str) -> dict:
                              f"{', '.join(k.replace('_', '-') for k in DEFAULTS)}")
         if name in ("methods", "ranks", "seeds") and isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        if name == "task_param" and isinstance(value, dict):
+        if name in ("task_param", "set") and isinstance(value, dict):
             value = [f"{k}={v}" for k, v in value.items()]
         out[name] = value
     return out
@@ -97,6 +100,13 @@ def build_specs(options: dict):
         task.examples(split)  # malformed or missing data files fail here, before any training
     common = {"task": options["task"], "task_params": task_params, "model": options["model"],
               "device": options["device"]}
+    overrides = _task_params(options["set"])  # same KEY=VALUE syntax, for any other RunSpec field
+    settable = set(RunSpec.__dataclass_fields__) - {"method", "rank", "seed", "task", "task_params", "model",
+                                                     "device"}
+    unknown = sorted(set(overrides) - settable)
+    if unknown:
+        raise BenchError(f"unknown --set key(s) {', '.join(unknown)}; valid: {', '.join(sorted(settable))}")
+    common.update(overrides)
     for key, cast in (("steps", int), ("lr", float), ("alpha", float), ("eval_size", int)):
         if options[key] is not None:
             try:
@@ -210,6 +220,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha", help="LoRA alpha (default: alpha = rank)")
     s.add_argument("--eval-size", dest="eval_size", help="evaluate on the first N eval problems (default all)")
     s.add_argument("--device", help="auto | cpu | cuda")
+    s.add_argument("--set", action="append", dest="set", metavar="KEY=VALUE",
+                   help="any other run setting, e.g. max_completion_length=512, num_generations=16 (repeatable)")
     s.add_argument("--out", help="sweep directory (default results/<task>-<model>)")
     s.add_argument("--config", help="YAML file with the same options (flags override)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -55,8 +55,10 @@ class RunSpec:
         if (2 * self.micro_batch * self.grad_accum) % self.num_generations:
             raise BenchError(f"a generation batch ({2 * self.micro_batch * self.grad_accum} completions) must be a "
                              f"multiple of num_generations ({self.num_generations})")
-        if not self.lr > 0:
-            raise BenchError(f"bad lr {self.lr!r}: must be > 0")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise BenchError(f"bad {name} {value!r}: must be a number > 0")
 
     @property
     def run_id(self) -> str:

@@ -33,6 +33,9 @@ def assert_one_line_error(result, *fragments):
     (["run", "--steps", "-3"], ["bad steps -3"]),
     (["run", "--bogus"], ["unrecognized arguments"]),
     (["prepare", "--model", "huge"], ["unknown embedded model 'huge'", "tiny"]),
+    (["run", "--set", "bogus=1"], ["unknown --set key(s) bogus", "max_completion_length"]),
+    (["run", "--set", "temperature=hot"], ["bad temperature 'hot'"]),
+    (["run", "--task-param", "max_steps=9"], ["synth-gsm: steps must satisfy"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_one_line_error(bench(*args), *fragments)
@@ -80,7 +83,8 @@ def test_list_shows_tasks_models_methods():
 
 def test_tiny_sweep_from_config_with_flag_override(tmp_path, tiny, capsys):
     cfg = tmp_path / "sweep.yaml"
-    cfg.write_text("methods: [kl_grpo, kl_free_lora]\nranks: [4]\nsteps: 5\neval-size: 8\n")
+    cfg.write_text("methods: [kl_grpo, kl_free_lora]\nranks: [4]\nsteps: 5\neval-size: 8\n"
+                   "set: {max_completion_length: 40, probe_size: 4}\n")
     out = tmp_path / "sweep"
     code = main(["run", "--config", str(cfg), "--steps", "1", "--out", str(out), "--no-progress"])
     assert code == 0
@@ -98,4 +102,4 @@ def test_tiny_sweep_from_config_with_flag_override(tmp_path, tiny, capsys):
     assert main(["run", "--config", str(cfg), "--steps", "1", "--out", str(out), "--no-progress"]) == 0
     assert (out / "kl_grpo_r4_s0" / "summary.json").stat().st_mtime == mtime  # finished runs are skipped
     spec = json.loads((out / "kl_grpo_r4_s0" / "config.json").read_text())["spec"]
-    assert spec["steps"] == 1 and spec["eval_size"] == 8
+    assert spec["steps"] == 1 and spec["eval_size"] == 8 and spec["max_completion_length"] == 40
