@@ -183,7 +183,7 @@ def _build_tiny_into(spec: TinySpec, path: Path, progress: bool) -> dict:
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
-EMBEDDED = {"tiny": "embedded 0.8M-parameter Qwen3 warm-started on synth-gsm (built locally on first use)"}
+EMBEDDED = {"tiny": "embedded 0.85M-parameter Qwen3 warm-started on synth-gsm (built locally on first use)"}
 QWEN3_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
