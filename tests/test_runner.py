@@ -61,6 +61,8 @@ def test_kl_grpo_runs_reference_forwards_and_logs_trl_kl(tmp_path, tiny):
     rows = _rows(tmp_path)
     assert sum(r["time_reference"] for r in rows[1:]) > 0
     assert all("kl_trl" in r for r in rows[1:])
+    assert abs(rows[1]["kl_trl"]) < 1e-6  # first step: nothing updated yet, TRL's reference == the policy
+    assert rows[2]["kl_trl"] > 0
     assert abs(rows[0]["kl_ref"]) < 1e-6 and rows[-1]["kl_ref"] > 0
 
 
