@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
 
 
@@ -71,7 +72,7 @@ class BenchGRPOTrainer(GRPOTrainer):
             self.phase_seconds[phase] += time.perf_counter() - t0
 
     def _generate(self, prompts):
-        with self.timed("generation"):
+        with self.timed("generation"), merged_adapters(self.accelerator.unwrap_model(self.model)):
             out = super()._generate(prompts)
         self.generated_tokens += sum(len(ids) for ids in out[1])  # completion_ids_list
         return out

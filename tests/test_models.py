@@ -78,3 +78,26 @@ def test_chat_template_model_gets_conversational_prompts(tmp_path, tiny):
     from bench.generation import format_prompts
     from tasks import chat_prompt
     assert format_prompts(tok, [chat_prompt("Q?")])[0].startswith("<user>Solve the math word problem")
+
+
+def test_merged_adapter_generation_matches_and_restores(tiny):
+    """Generation with LoRA folded into the weights gives the same text, and leaves the weights untouched."""
+    from peft import LoraConfig, get_peft_model
+    from bench.generation import merged_adapters
+    model, tok = load_policy("tiny")
+    torch.manual_seed(0)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=list(QWEN3_TARGETS),
+                                              init_lora_weights=False))  # random A and B: a non-zero update
+    prompts = [plain_prompt(e.question) for e in get_task("synth-gsm").examples("eval")[:8]]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    with torch.no_grad():
+        logits = policy(**enc).logits
+        with merged_adapters(policy):
+            merged_logits = policy(**enc).logits
+    assert (logits - merged_logits).abs().max() < 1e-4
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    with merged_adapters(policy):
+        fast = [tok.decode(x) for x in policy.generate(**enc, max_new_tokens=24, do_sample=False)]
+    slow = [tok.decode(x) for x in policy.generate(**enc, max_new_tokens=24, do_sample=False)]
+    assert fast == slow
