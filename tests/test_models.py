@@ -2,7 +2,6 @@
 import json
 import shutil
 
-import pytest
 import torch
 
 from bench.generation import generate, greedy_accuracy
