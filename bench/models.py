@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.errors import BenchError
-from bench.io import atomic_write_json, read_json
+from bench.io import atomic_write_json
 
 BUILDER_VERSION = 2
 EOS = "<|endoftext|>"
@@ -184,7 +184,6 @@ def _build_tiny_into(spec: TinySpec, path: Path, progress: bool) -> dict:
 
 # ---- loading -------------------------------------------------------------------------------------------------
 EMBEDDED = {"tiny": "embedded 0.85M-parameter Qwen3 warm-started on synth-gsm (built locally on first use)"}
-QWEN3_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def resolve_model_path(name: str, progress: bool = True) -> str:
@@ -234,10 +233,3 @@ def load_policy(name: str, device: str = "cpu", dtype: torch.dtype | None = None
 
 def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
-
-
-def tiny_info() -> dict | None:
-    path = tiny_dir() / "build_info.json"
-    return read_json(path) if path.is_file() else None
-
-
