@@ -11,7 +11,7 @@ from bench.errors import BenchError
 
 DEFAULTS = {"methods": "all", "ranks": "4,16,64", "seeds": "0", "task": "synth-gsm", "model": "tiny",
             "data": None, "out": None, "steps": None, "lr": None, "alpha": None, "eval_size": None,
-            "device": "auto", "task_param": [], "set": []}
+            "device": "auto", "task_param": [], "set": [], "method_param": []}
 RUN_KEYS = set(DEFAULTS) | {"config", "no_progress"}
 
 
@@ -62,7 +62,7 @@ def load_config_file(path: str) -> dict:
                              f"{', '.join(k.replace('_', '-') for k in DEFAULTS)}")
         if name in ("methods", "ranks", "seeds") and isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        if name in ("task_param", "set") and isinstance(value, dict):
+        if name in ("task_param", "set", "method_param") and isinstance(value, dict):
             value = [f"{k}={v}" for k, v in value.items()]
         out[name] = value
     return out
@@ -98,11 +98,16 @@ def build_specs(options: dict):
     task = get_task(options["task"], **task_params)  # unknown task / bad task parameters fail here
     for split in ("train", "eval"):
         task.examples(split)  # malformed or missing data files fail here, before any training
+    method_params = _task_params(options["method_param"])
+    if method_params:
+        from methods import get_method
+        for name in methods:
+            get_method(name).resolve_params(method_params)  # unknown or bad values fail before any training
     common = {"task": options["task"], "task_params": task_params, "model": options["model"],
-              "device": options["device"]}
+              "device": options["device"], "method_params": method_params}
     overrides = _task_params(options["set"])  # same KEY=VALUE syntax, for any other RunSpec field
     settable = set(RunSpec.__dataclass_fields__) - {"method", "rank", "seed", "task", "task_params", "model",
-                                                     "device"}
+                                                     "device", "method_params"}
     unknown = sorted(set(overrides) - settable)
     if unknown:
         raise BenchError(f"unknown --set key(s) {', '.join(unknown)}; valid: {', '.join(sorted(settable))}")
@@ -220,6 +225,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha", help="LoRA alpha (default: alpha = rank)")
     s.add_argument("--eval-size", dest="eval_size", help="evaluate on the first N eval problems (default all)")
     s.add_argument("--device", help="auto | cpu | cuda")
+    s.add_argument("--method-param", action="append", dest="method_param", metavar="KEY=VALUE",
+                   help="method parameter, e.g. rho=0.3 for geora (repeatable)")
     s.add_argument("--set", action="append", dest="set", metavar="KEY=VALUE",
                    help="any other run setting, e.g. max_completion_length=512, num_generations=16 (repeatable)")
     s.add_argument("--out", help="sweep directory (default results/<task>-<model>)")

@@ -29,24 +29,25 @@ def check_rank(model, rank) -> None:
         raise BenchError(f"bad rank {rank}: larger than the smallest targeted matrix dimension ({limit})")
 
 
-def build_policy(model, method, rank, alpha: float, seed: int):
+def build_policy(model, method, rank, alpha: float, seed: int, params: dict | None = None):
     """LoRA (PEFT) with the method's initializer, or every parameter trainable for rank `full`."""
     from peft import LoraConfig, get_peft_model
 
+    params = method.resolve_params(params)
     check_rank(model, rank)
     torch.manual_seed(seed)  # LoRA's random A (and any randomized SVD) is part of the run's seed
     if rank == "full":
+        if method.modifies_base(params):
+            raise BenchError(f"method {method.name!r} initializes an adapter; it has no meaning at rank 'full'")
         for p in model.parameters():
             p.requires_grad_(True)
-        if method.adapter_init is not None or method.resolved_init() is not True:
-            raise BenchError(f"method {method.name!r} initializes an adapter; it has no meaning at rank 'full'")
         return model
     config = LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=0.0, target_modules=list(QWEN3_TARGETS),
-                        bias="none", init_lora_weights=method.resolved_init(), task_type="CAUSAL_LM")
+                        bias="none", init_lora_weights=method.resolved_init(params), task_type="CAUSAL_LM")
     policy = get_peft_model(model, config)
     if method.adapter_init is not None:
         with torch.no_grad():
-            method.adapter_init(policy, dict(method.params))
+            method.adapter_init(policy, params)
     # The adapter now holds its initial values; later copies (TRL's "ref" adapter) must not re-run an SVD init
     # on the already-residual base weights (ecosystem.md 1.5).
     policy.peft_config["default"].init_lora_weights = True

@@ -159,6 +159,24 @@ class MetricsCallback(TrainerCallback):
             raise Diverged(f"{' and '.join(bad)} not finite at step {row['step']}")
 
 
+def save_trained(policy, run_dir: Path, residual: bool) -> None:
+    """The trained adapter in run_dir/adapter, loadable onto the *original* base model with
+    PeftModel.from_pretrained. For residual inits (the base holds W - s*B0*A0) PEFT converts it against the
+    initial adapter into a rank-2r LoRA of the whole update; full fine-tuning saves the model (safetensors)."""
+    out = run_dir / "adapter" if hasattr(policy, "peft_config") else run_dir / "model"
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if residual:
+        policy.save_pretrained(tmp, selected_adapters=["default"],
+                               path_initial_model_for_weight_conversion=str(run_dir / "adapter_init"))
+    elif hasattr(policy, "peft_config"):
+        policy.save_pretrained(tmp, selected_adapters=["default"])  # not TRL's "ref" copy
+    else:
+        policy.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return ckpts[-1] if ckpts else None
@@ -185,7 +203,8 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
     atomic_write_json(config_path, {
         "spec": spec.to_dict(), "spec_key": spec.key(), "run_id": spec.run_id,
         "method": {"name": method.name, "summary": method.summary, "cite": method.cite, "beta": method.resolved_beta(),
-                   "init_lora_weights": str(method.resolved_init()), "params": method.params,
+                   "init_lora_weights": str(method.resolved_init(spec.method_params)),
+                   "params": method.resolve_params(spec.method_params),
                    "grpo_overrides": method.grpo_overrides},
         "versions": versions(), "git_sha": git_sha(), "machine": {"platform": platform.platform(),
                                                                    "cpus": os.cpu_count()}})
@@ -260,8 +279,12 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     probe_examples = evals[:spec.probe_size]
 
     t_init = time.perf_counter()
-    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed)
+    params = method.resolve_params(spec.method_params)
+    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params)
     init_seconds = time.perf_counter() - t_init
+    adapter_init_dir = run_dir / "adapter_init"
+    if spec.rank != "full" and method.modifies_base(params) and not adapter_init_dir.exists():
+        policy.save_pretrained(adapter_init_dir)  # the initial adapter: to convert the trained one for reload
     reference = InitialPolicy(policy)
     eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
     eval_tokens = spec.max_completion_length
@@ -290,12 +313,13 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     callback.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict
     for hook in method.trainer_hooks:
-        hook(trainer, dict(method.params))
+        hook(trainer, params)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         bar.close()
     final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens)
+    save_trained(policy, run_dir, method.modifies_base(params) and spec.rank != "full")
     out = _aggregate(rows)
     out.update({
         "status": "ok", "accuracy_base": base["accuracy"], "accuracy": final["accuracy"],

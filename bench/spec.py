@@ -32,6 +32,7 @@ class RunSpec:
     steps: int = 60
     lr: float = 5e-4
     alpha: float | None = None          # LoRA alpha; None -> alpha = rank (scaling 1)
+    method_params: dict = field(default_factory=dict)  # overrides of the method's parameters (e.g. rho)
     num_generations: int = 8            # G completions per prompt
     micro_batch: int = 16               # completions per micro-batch
     grad_accum: int = 2                 # micro-batches per optimizer step (2 steps per generation batch)

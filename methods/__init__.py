@@ -26,16 +26,34 @@ class Method:
     cite: str = ""
     beta: float | None = None                   # KL coefficient toward the initial policy (None: unset -> 0)
     grpo_overrides: dict = field(default_factory=dict)
-    init_lora_weights: bool | str | None = None  # PEFT initializer (None: unset -> True, i.e. B = 0)
+    init_lora_weights: bool | str | Callable | None = None  # PEFT initializer, or f(params) -> one (None: True)
     adapter_init: Callable | None = None         # custom initializer: f(peft_model, params) under no_grad
     trainer_hooks: tuple = ()                    # f(trainer, params) called once the trainer exists
     params: dict = field(default_factory=dict)   # method parameters and their defaults (recorded in config.json)
+    check_params: Callable | None = None         # f(params) raising BenchError on a bad value
 
     def resolved_beta(self) -> float:
         return 0.0 if self.beta is None else float(self.beta)
 
-    def resolved_init(self):
-        return True if self.init_lora_weights is None else self.init_lora_weights
+    def resolved_init(self, params: dict | None = None):
+        init = True if self.init_lora_weights is None else self.init_lora_weights
+        return init(self.resolve_params(params)) if callable(init) else init
+
+    def modifies_base(self, params: dict | None = None) -> bool:
+        """True when the initializer writes a residual into the base weights (SVD inits)."""
+        return self.adapter_init is not None or self.resolved_init(params) is not True
+
+    def resolve_params(self, overrides: dict | None = None) -> dict:
+        """The method's defaults updated with user values; unknown keys and bad values are errors."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(self.params))
+        if unknown:
+            valid = ", ".join(sorted(self.params)) or "none"
+            raise BenchError(f"method {self.name!r} has no parameter(s) {', '.join(unknown)}; valid: {valid}")
+        params = {**self.params, **overrides}
+        if self.check_params is not None:
+            self.check_params(params)
+        return params
 
 
 METHODS: dict[str, Method] = {}
@@ -91,4 +109,4 @@ def method_names(spec: str) -> list[str]:
     return names
 
 
-from methods import lora_grpo  # noqa: E402,F401  (register)
+from methods import lora_grpo, svd_init  # noqa: E402,F401  (register)
