@@ -28,12 +28,13 @@ def _parse_list(value: str, what: str) -> list[str]:
     return items
 
 
-def _task_params(pairs: list[str]) -> dict:
+def parse_key_values(pairs: list[str], flag: str) -> dict:
+    """KEY=VALUE pairs (--task-param, --method-param, --set); values are read as YAML scalars."""
     import yaml
     params = {}
     for pair in pairs:
         if "=" not in pair:
-            raise BenchError(f"bad --task-param {pair!r}: expected KEY=VALUE")
+            raise BenchError(f"bad {flag} {pair!r}: expected KEY=VALUE")
         key, value = pair.split("=", 1)
         try:
             params[key.strip()] = yaml.safe_load(value)
@@ -92,20 +93,20 @@ def build_specs(options: dict):
         seeds = [int(s) for s in _parse_list(options["seeds"], "seeds")]
     except ValueError:
         raise BenchError(f"bad --seeds {options['seeds']!r}: expected integers") from None
-    task_params = _task_params(options["task_param"])
+    task_params = parse_key_values(options["task_param"], "--task-param")
     if options["data"]:
         task_params["data"] = str(options["data"])
     task = get_task(options["task"], **task_params)  # unknown task / bad task parameters fail here
     for split in ("train", "eval"):
         task.examples(split)  # malformed or missing data files fail here, before any training
-    method_params = _task_params(options["method_param"])
+    method_params = parse_key_values(options["method_param"], "--method-param")
     if method_params:
         from methods import get_method
         for name in methods:
             get_method(name).resolve_params(method_params)  # unknown or bad values fail before any training
     common = {"task": options["task"], "task_params": task_params, "model": options["model"],
               "device": options["device"], "method_params": method_params}
-    overrides = _task_params(options["set"])  # same KEY=VALUE syntax, for any other RunSpec field
+    overrides = parse_key_values(options["set"], "--set")  # any other RunSpec field
     settable = set(RunSpec.__dataclass_fields__) - {"method", "rank", "seed", "task", "task_params", "model",
                                                      "device", "method_params"}
     unknown = sorted(set(overrides) - settable)

@@ -153,7 +153,7 @@ class MetricsCallback(TrainerCallback):
             self.bar.update(1)
             if "reward" in row:
                 self.last_reward = row["reward"]
-            self.bar.set_postfix(reward=f"{self.last_reward:.2f}", kl_step=f"{row['kl_step']:.1e}")
+            self.bar.set_postfix(reward=f"{self.last_reward:.2f}", kl_step=f"{row.get('kl_step', float('nan')):.1e}")
         bad = [k for k in ("loss", "grad_norm") if k in row and not math.isfinite(row[k])]
         if bad:
             raise Diverged(f"{' and '.join(bad)} not finite at step {row['step']}")
@@ -282,8 +282,9 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     params = method.resolve_params(spec.method_params)
     policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params)
     init_seconds = time.perf_counter() - t_init
+    residual = spec.rank != "full" and method.modifies_base(params)  # base weights now hold W - s*B0*A0
     adapter_init_dir = run_dir / "adapter_init"
-    if spec.rank != "full" and method.modifies_base(params) and not adapter_init_dir.exists():
+    if residual and not adapter_init_dir.exists():
         policy.save_pretrained(adapter_init_dir)  # the initial adapter: to convert the trained one for reload
     reference = InitialPolicy(policy)
     eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
@@ -319,7 +320,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     finally:
         bar.close()
     final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens)
-    save_trained(policy, run_dir, method.modifies_base(params) and spec.rank != "full")
+    save_trained(policy, run_dir, residual)
     out = _aggregate(rows)
     out.update({
         "status": "ok", "accuracy_base": base["accuracy"], "accuracy": final["accuracy"],

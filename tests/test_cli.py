@@ -34,6 +34,8 @@ def assert_one_line_error(result, *fragments):
     (["run", "--bogus"], ["unrecognized arguments"]),
     (["prepare", "--model", "huge"], ["unknown embedded model 'huge'", "tiny"]),
     (["run", "--set", "bogus=1"], ["unknown --set key(s) bogus", "max_completion_length"]),
+    (["run", "--set", "temperature"], ["bad --set 'temperature': expected KEY=VALUE"]),
+    (["run", "--task-param", "max_steps"], ["bad --task-param 'max_steps': expected KEY=VALUE"]),
     (["run", "--set", "temperature=hot"], ["bad temperature 'hot'"]),
     (["run", "--task-param", "max_steps=9"], ["synth-gsm: steps must satisfy"]),
 ])
