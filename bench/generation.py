@@ -9,6 +9,17 @@ from tasks.answers import is_correct
 
 
 @contextmanager
+def eval_mode(model):
+    """model.eval() for the block, then the train/eval mode the model had before."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def merged_adapters(model):
     """Run generation with each LoRA update folded into its fp32 base weight (W + s*B*A, PEFT's own delta) and
     the adapters off: one matmul per projection instead of three. The base weights are restored by copy, so the
@@ -55,11 +66,10 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, greedy: bool = True
     Sampling with `seed` runs under a forked RNG so that measuring never perturbs training's random stream.
     """
     texts = format_prompts(tokenizer, prompts)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     completions, batches = [], []
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), merged_adapters(model):
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), eval_mode(model), \
+            merged_adapters(model):
         if seed is not None:
             torch.manual_seed(seed)
         for start in range(0, len(texts), batch_size):
@@ -72,7 +82,6 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, greedy: bool = True
             completion_ids = out[:, enc["input_ids"].shape[1]:]
             completions += tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             batches.append((enc["input_ids"], enc["attention_mask"], completion_ids))
-    model.train(was_training)
     return completions, {"batches": batches}
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bench.generation import eval_mode, generate
+
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """1 for each completion token up to and including the first EOS (TRL's convention), else 0."""
@@ -32,7 +34,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, comp_mas
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, comp_mask], 1)
     position_ids = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: count positions from the first token
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
+    with eval_mode(model):
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
     logits = logits[:, prompt_ids.shape[1] - 1:-1].float()
     return F.log_softmax(logits, dim=-1)
 
@@ -88,6 +91,10 @@ class RolloutBatch:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
 
+    def head(self, n: int) -> "RolloutBatch":
+        return RolloutBatch(self.prompt_ids[:n], self.prompt_mask[:n], self.completion_ids[:n],
+                            self.completion_mask[:n])
+
     def chunks(self, size: int):
         for s in range(0, self.prompt_ids.shape[0], size):
             yield RolloutBatch(self.prompt_ids[s:s + size], self.prompt_mask[s:s + size],
@@ -124,24 +131,14 @@ class ProbeSet:
         self.prompts, self.max_new_tokens, self.seed, self.temperature = prompts, max_new_tokens, seed, temperature
 
     def sample(self, model, tokenizer) -> RolloutBatch:
-        from bench.generation import generate
         _, out = generate(model, tokenizer, self.prompts, self.max_new_tokens, greedy=False, seed=self.seed,
                           temperature=self.temperature, batch_size=len(self.prompts))
-        parts = []
-        for prompt_ids, prompt_mask, completion_ids in out["batches"]:
-            parts.append((prompt_ids, prompt_mask, completion_ids,
-                          completion_mask(completion_ids, tokenizer.eos_token_id)))
-        (p, pm, c, cm), = parts  # one batch: the probe set is generated at once
-        return RolloutBatch(p, pm, c, cm)
+        (prompt_ids, prompt_mask, completion_ids), = out["batches"]  # the probe set is generated at once
+        return RolloutBatch(prompt_ids, prompt_mask, completion_ids,
+                            completion_mask(completion_ids, tokenizer.eos_token_id))
 
     def measure(self, model, tokenizer, reference: InitialPolicy) -> dict:
-        was_training = model.training
-        model.eval()
-        try:
-            batch = self.sample(model, tokenizer)
-            return kl_to_reference(model, reference, batch)
-        finally:
-            model.train(was_training)
+        return kl_to_reference(model, reference, self.sample(model, tokenizer))
 
 
 class StepKL:
@@ -154,12 +151,8 @@ class StepKL:
 
     @torch.no_grad()
     def capture_before(self, model, batch: RolloutBatch) -> dict:
-        was_training = model.training
-        model.eval()
-        self.batch = RolloutBatch(*(t[:self.max_seqs] for t in (batch.prompt_ids, batch.prompt_mask,
-                                                                  batch.completion_ids, batch.completion_mask)))
+        self.batch = batch.head(self.max_seqs)
         self.before = self.batch.logprobs(model)
-        model.train(was_training)
         mask = self.batch.completion_mask.to(self.before.dtype)
         return {"entropy": entropy_sum(self.before, mask) / max(1, int(mask.sum()))}
 
@@ -167,10 +160,7 @@ class StepKL:
     def after_step(self, model) -> dict:
         if self.batch is None:
             return {}
-        was_training = model.training
-        model.eval()
         after = self.batch.logprobs(model)
-        model.train(was_training)
         mask = self.batch.completion_mask.to(after.dtype)
         s, n = kl_sum(self.before, after, mask)
         self.batch = self.before = None

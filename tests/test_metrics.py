@@ -132,8 +132,7 @@ def test_step_kl_uses_only_max_seqs():
     model, batch = toy_model(), toy_batch()
     step = StepKL(max_seqs=1)
     step.capture_before(model, batch)
-    one = RolloutBatch(*(t[:1] for t in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                         batch.completion_mask)))
+    one = batch.head(1)
     before = brute_distributions(model, one)
     perturb(model, scale=0.1)
     assert step.after_step(model)["kl_step"] == pytest.approx(brute_kl(before, brute_distributions(model, one)),

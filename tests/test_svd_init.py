@@ -7,7 +7,7 @@ from bench.metrics import InitialPolicy, RolloutBatch, completion_mask, kl_to_re
 from bench.models import load_policy
 from bench.policy import build_policy
 from methods import get_method
-from methods.svd_init import abs_quantile, geora_matrix, top_svd
+from methods.svd_init import abs_quantile, top_svd
 from tasks import get_task, plain_prompt
 
 
