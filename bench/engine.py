@@ -22,7 +22,7 @@ def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat
     kwargs = dict(
         output_dir=output_dir,
         # objective (shared/seeds/001): per-sequence token mean, group-normalized advantages (std + 1e-4)
-        loss_type="grpo", scale_rewards="group", epsilon=0.2, beta=method.resolved_beta(),
+        loss_type="grpo", scale_rewards="group", epsilon=0.2, beta=method.resolved_beta(spec.method_params),
         use_bias_correction_kl=False,  # the plain k3 KL term; TRL 1.16 defaults to True
         importance_sampling_level="token", num_iterations=1, mask_truncated_completions=False,
         top_entropy_quantile=1.0,
@@ -45,7 +45,8 @@ def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat
     )
     if chat:
         kwargs["chat_template_kwargs"] = {"enable_thinking": False}
-    kwargs.update(method.grpo_overrides)
+    kwargs.update(spec.grpo)              # a preset's or user's extra TRL settings (checked in bench.spec)
+    kwargs.update(method.grpo_overrides)  # what defines the method wins (e.g. PROMA's epsilon)
     return GRPOConfig(**kwargs)
 
 
@@ -57,7 +58,20 @@ class BenchGRPOTrainer(GRPOTrainer):
         self.step_metrics: dict = {}
         self._prep_seconds = 0.0
         self._step_first_batch = None
+        self.method_summary: dict = {}  # what a method's hooks report into summary.json (see note())
+        self.log_path = None            # the run's run.log
+        self.run_id = "run"
         super().__init__(*args, **kwargs)
+
+    def note(self, message: str, **fields) -> None:
+        """A method's one-time remark: a line in run.log and on stderr, and `fields` in summary.json."""
+        import sys
+        self.method_summary.update(fields)
+        self.method_summary.setdefault("notes", []).append(message)
+        print(f"{self.run_id}: {message}", file=sys.stderr)
+        if self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(message + "\n")
 
     @contextmanager
     def timed(self, phase: str):

@@ -29,7 +29,8 @@ def check_rank(model, rank) -> None:
         raise BenchError(f"bad rank {rank}: larger than the smallest targeted matrix dimension ({limit})")
 
 
-def build_policy(model, method, rank, alpha: float, seed: int, params: dict | None = None):
+def build_policy(model, method, rank, alpha: float | None, seed: int, params: dict | None = None,
+                 lora_dropout: float = 0.0):
     """LoRA (PEFT) with the method's initializer, or every parameter trainable for rank `full`."""
     from peft import LoraConfig, get_peft_model
 
@@ -42,7 +43,7 @@ def build_policy(model, method, rank, alpha: float, seed: int, params: dict | No
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    config = LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=0.0, target_modules=list(QWEN3_TARGETS),
+    config = LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(QWEN3_TARGETS),
                         bias="none", init_lora_weights=method.resolved_init(params), task_type="CAUSAL_LM")
     policy = get_peft_model(model, config)
     if method.adapter_init is not None:

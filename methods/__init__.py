@@ -32,7 +32,10 @@ class Method:
     params: dict = field(default_factory=dict)   # method parameters and their defaults (recorded in config.json)
     check_params: Callable | None = None         # f(params) raising BenchError on a bad value
 
-    def resolved_beta(self) -> float:
+    def resolved_beta(self, params: dict | None = None) -> float:
+        """The KL coefficient: the `beta` method parameter where the method has one, else the fixed field."""
+        if "beta" in self.params:
+            return float(self.resolve_params(params)["beta"])
         return 0.0 if self.beta is None else float(self.beta)
 
     def resolved_init(self, params: dict | None = None):
@@ -65,6 +68,13 @@ def register(method: Method, component_only: bool = False) -> Method:
     return method
 
 
+def _both(check_a, check_b):
+    def check(params):
+        check_a(params)
+        check_b(params)
+    return check
+
+
 def _merge(a: Method, b: Method) -> Method:
     merged = {}
     for f in fields(Method):
@@ -73,6 +83,8 @@ def _merge(a: Method, b: Method) -> Method:
             merged[f.name] = f"{va}+{vb}" if f.name == "name" else f"{va}; {vb}"
         elif f.name == "trainer_hooks":
             merged[f.name] = tuple(va) + tuple(vb)
+        elif f.name == "check_params" and va is not None and vb is not None and va is not vb:
+            merged[f.name] = _both(va, vb)
         elif f.name in ("grpo_overrides", "params"):
             clash = {k for k in set(va) & set(vb) if va[k] != vb[k]}
             if clash:
@@ -109,4 +121,4 @@ def method_names(spec: str) -> list[str]:
     return names
 
 
-from methods import lora_grpo, svd_init  # noqa: E402,F401  (register)
+from methods import lora_grpo, proma, svd_init  # noqa: E402,F401  (register)

@@ -1,0 +1,325 @@
+"""PROMA: projected microbatch accumulation (Abrahamsen, arXiv 2601.10498; spec: shared/research/papers.md s.1).
+
+Accumulation variant (`proma`, the paper's main method; the author's VeRL fork, dp_actor.py). For every trainable
+weight W (d_out x d_in) of an nn.Linear (LoRA: lora_A and lora_B; rank `full`: the projections) and every
+micro-batch m of an optimizer step, inside the backward pass:
+  g_i   = sum_t G_it^T X_it                            # sequence-wise log-prob gradient (advantages set to 1):
+                                                       #   output grads G x input activations, split by sequence
+  p_m   = sum_i A_i g_i                                # micro-batch policy gradient (group-normalized A_i)
+  gh_i  = g_i / (||g_i||_F + 1e-8)
+  proj  = sum_i w_i gh_i,  w = (K + ridge I)^-1 b      # exact: K_ij = <gh_i, gh_j>, b_i = <acc, gh_i>
+          or sweeps x { a <- a - <a, gh_i> gh_i }      # approx: sequential deflation (the author's GSM8K runs)
+  proj <- proj * min(1, cap ||p_m|| / ||proj||)        # norm cap (0.5 in the GSM8K runs)
+  acc  <- acc - s * proj + p_m                         # acc: the running gradient (first micro-batch: acc = p_m)
+Layer-wise (Frobenius products per tensor). No reference policy, no KL term, no ratio clipping (epsilon 1e9, the
+author's "pure" setting); TRL's group-normalized advantages and per-sequence token mean are unchanged. The loss is
+backpropagated with advantages 1 (the author's include_advantages_in_loss=False) so that the output gradients
+give every sequence's log-prob gradient, also where A_i = 0; p_m is rebuilt from them with the true advantages,
+which equals the gradient of TRL's loss exactly (the advantage is constant over a sequence). Advantages and masks
+are read from the micro-batch's own inputs, so TRL's shuffling of sequences into micro-batches is harmless.
+At rank `full`, trainable tensors that are not Linear weights (norm gains, the tied embedding) are frozen: the
+author's code left them the advantage-free gradient, a latent quirk we do not reproduce.
+
+Intra-microbatch variant (`proma_intra`, paper v3/v4). THE EXACT FORMULA IS NOT IN ANY SOURCE WE COULD READ: it is
+reconstructed from the abstract ("a factored projection built from the dominant subspaces of activations and of
+output gradients, applied independently within each micro-batch") and the author's run scripts (proma_intra_dim k,
+eig_iters 1, shrinkage 1, a randomized SVD + QR per Linear). Per Linear and micro-batch, with X, G all its
+(unpadded) tokens' activations and output gradients of the ordinary loss:
+  Q_X = top-k right singular subspace of X,  Q_G = top-k right singular subspace of G   # randomized range finder
+  p_m <- p_m - s * Q_G (Q_G^T p_m Q_X) Q_X^T                                           # remove span(Q_G) x span(Q_X)
+  acc <- acc + p_m                                                                       # ordinary accumulation
+k per side is min(k, max(1, dim // 10)) (our choice: k = 100 is the author's GSM8K value for Qwen3-0.6B full
+fine-tuning, hidden size 1024; a narrower model or adapter side projects the same tenth of its width).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+from bench.errors import BenchError
+from methods import Method, register
+
+CITE = "Abrahamsen. PROMA: Projected Microbatch Accumulation for Reference-Free Proximal Policy Updates. " \
+       "arXiv 2601.10498 (2026)"
+NORM_EPS = 1e-8  # the author's normalization constant for g_i
+
+
+# ---- the math, on plain tensors --------------------------------------------------------------------------------
+
+def sequence_gradients(x: torch.Tensor, out_grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence weight gradients of a Linear, flattened: g_i = sum_t G_it^T X_it over unpadded tokens.
+    x: [B, L, d_in], out_grad: [B, L, d_out], mask: [B, L] -> [B, d_out * d_in] (fp32)."""
+    g = out_grad.float() * mask[..., None].to(torch.float32)
+    return torch.einsum("blo,bli->boi", g, x.float()).flatten(1)
+
+
+def projection(acc: torch.Tensor, g_hat: torch.Tensor, mode: str, ridge: float, sweeps: int) -> torch.Tensor:
+    """The component of acc (flat [D]) in span{g_hat_i} (rows of g_hat [B, D]), exact or by deflation sweeps."""
+    b = g_hat @ acc
+    gram = g_hat @ g_hat.T
+    if mode == "exact":
+        coef = torch.linalg.solve(gram + ridge * torch.eye(len(b), dtype=gram.dtype, device=gram.device), b)
+    else:  # a <- a - <a, gh_i> gh_i, i = 1..B, `sweeps` times; tracked as a = acc - sum_j c_j gh_j (Gauss-Seidel)
+        coef = torch.zeros_like(b)
+        for _ in range(sweeps):
+            for i in range(len(b)):
+                coef[i] += b[i] - gram[i] @ coef
+    return coef @ g_hat
+
+
+def capped(proj: torch.Tensor, reference_norm: torch.Tensor, cap: float) -> tuple[torch.Tensor, bool]:
+    """proj scaled down to at most cap * reference_norm."""
+    norm, limit = proj.norm(), cap * reference_norm
+    if norm > limit:
+        return proj * (limit / norm), True
+    return proj, False
+
+
+def top_subspace(m: torch.Tensor, k: int, power_iters: int, oversample: int, generator) -> torch.Tensor:
+    """An orthonormal basis [d, k] of the top-k right singular subspace of m [T, d]: randomized range finder
+    (Gaussian sketch of m^T m, `power_iters` power iterations with QR, then a small SVD); exact eigh when the
+    sketch would be as wide as d."""
+    d = m.shape[1]
+    width = k + oversample
+    if width >= d:
+        _, vecs = torch.linalg.eigh(m.T @ m)
+        return vecs[:, -k:]
+    omega = torch.randn(d, width, generator=generator, device=m.device, dtype=m.dtype)
+    q, _ = torch.linalg.qr(m.T @ (m @ omega))
+    for _ in range(power_iters):
+        q, _ = torch.linalg.qr(m.T @ (m @ q))
+    _, _, vh = torch.linalg.svd(m @ q, full_matrices=False)
+    return q @ vh[:k].T
+
+
+def intra_width(k: int, dim: int) -> int:
+    return min(k, max(1, dim // 10))
+
+
+def factored_removal(grad: torch.Tensor, q_out: torch.Tensor, q_in: torch.Tensor) -> torch.Tensor:
+    """Q_G (Q_G^T grad Q_X) Q_X^T: the block of grad [d_out, d_in] in span(Q_G) x span(Q_X)."""
+    return q_out @ (q_out.T @ grad @ q_in) @ q_in.T
+
+
+# ---- the hooks ---------------------------------------------------------------------------------------------------
+
+def projected_linears(model) -> dict[str, torch.nn.Linear]:
+    """Linear modules whose own (unshared) weight trains: lora_A/lora_B under LoRA, the projections at rank full."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and uses[id(m.weight)] == 1}
+
+
+class _Slot:
+    __slots__ = ("name", "module", "x", "out_grad")
+
+    def __init__(self, name, module):
+        self.name, self.module, self.x, self.out_grad = name, module, None, None
+
+
+class Projector:
+    """PROMA's per-tensor projection, run by hooks inside the backward pass (no extra forward or backward).
+
+    A forward hook keeps each Linear's input and puts a hook on its output, which receives the output gradient
+    before the weight gradient is formed; the weight's own tensor hook then runs before autograd adds the
+    micro-batch gradient to .grad (which still holds the running sum) and returns the gradient to add.
+    `begin(attention_mask, advantages)` is called per micro-batch before its forward pass.
+    """
+
+    def __init__(self, model, params: dict, intra: bool, seed: int = 0, record: bool = False):
+        self.params, self.intra, self.record = params, intra, record
+        self.slots = [_Slot(n, m) for n, m in projected_linears(model).items()]
+        if not self.slots:
+            raise BenchError("PROMA found no trainable Linear weights to project")
+        self.collecting = False
+        self.mask = self.advantages = None
+        self.seed = seed
+        self._generators: dict = {}
+        self.recorded: dict[str, torch.Tensor] = {}
+        self.reset_stats()
+        self.handles = []
+        for slot in self.slots:
+            self.handles.append(slot.module.register_forward_hook(self._forward_hook(slot)))
+            self.handles.append(slot.module.weight.register_hook(self._weight_hook(slot)))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def reset_stats(self):
+        self.removed_sq = self.total_sq = 0.0
+        self.n_projected = self.n_capped = 0
+
+    def stats(self) -> dict:
+        if not self.total_sq:
+            return {}
+        out = {"proma_removed_frac": (self.removed_sq / self.total_sq) ** 0.5}
+        if self.n_projected:
+            out["proma_capped_frac"] = self.n_capped / self.n_projected
+        return out
+
+    def begin(self, attention_mask: torch.Tensor, advantages: torch.Tensor | None):
+        self.mask, self.advantages = attention_mask, advantages
+        for slot in self.slots:
+            slot.x = slot.out_grad = None
+
+    def _forward_hook(self, slot):
+        def hook(module, args, output):
+            if not (self.collecting and torch.is_grad_enabled()):
+                return
+            if slot.x is not None:
+                raise RuntimeError(f"PROMA: {slot.name} ran twice in one micro-batch (turn gradient checkpointing off)")
+            slot.x = args[0].detach()
+
+            def keep(grad):
+                slot.out_grad = grad
+            output.register_hook(keep)
+        return hook
+
+    def _weight_hook(self, slot):
+        def hook(grad):
+            if slot.x is None or slot.out_grad is None:  # a backward we did not collect for
+                return None
+            x, out_grad = slot.x, slot.out_grad
+            slot.x = slot.out_grad = None
+            mask = self.mask[:, -x.shape[1]:].to(x.device)
+            weight = slot.module.weight
+            if self.intra:
+                return self._intra(slot, grad, x, out_grad, mask)
+            return self._accumulate(slot, weight, x, out_grad, mask)
+        return hook
+
+    def _accumulate(self, slot, weight, x, out_grad, mask):
+        p = self.params
+        g = sequence_gradients(x, out_grad, mask)                                   # g_i (advantages 1)
+        policy_grad = (self.advantages.to(g)[:, None] * g).sum(0)                   # p_m = sum_i A_i g_i
+        if self.record:
+            self.recorded[slot.name] = g
+        acc = weight.grad
+        if acc is None:                                                             # first micro-batch
+            self.total_sq += float(policy_grad.square().sum())
+            return policy_grad.view_as(weight).to(weight.dtype)
+        g_hat = g / (g.norm(dim=1, keepdim=True) + NORM_EPS)                         # gh_i
+        flat = acc.detach().flatten().float()
+        proj = projection(flat, g_hat, p["mode"], p["ridge"], p["sweeps"])          # in span{gh_i}
+        proj, was_capped = capped(proj, policy_grad.norm(), p["cap"])               # norm cap
+        removal = p["shrinkage"] * proj
+        acc.sub_(removal.view_as(acc).to(acc.dtype))                                # acc <- acc - s proj
+        self.removed_sq += float(removal.square().sum())
+        self.total_sq += float(flat.square().sum())
+        self.n_projected += 1
+        self.n_capped += int(was_capped)
+        return policy_grad.view_as(weight).to(weight.dtype)                        # autograd adds p_m
+
+    def _generator(self, device):
+        if device not in self._generators:  # a private stream: never perturbs training's sampling RNG
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def _intra(self, slot, grad, x, out_grad, mask):
+        p = self.params
+        keep = mask.bool()
+        xs, gs = x[keep].float(), out_grad[keep].float()                          # tokens of the micro-batch
+        d_out, d_in = grad.shape
+        k_in, k_out = intra_width(p["k"], d_in), intra_width(p["k"], d_out)
+        g32 = grad.float()
+        self.total_sq += float(g32.square().sum())
+        gen = self._generator(x.device)
+        q_in = top_subspace(xs, k_in, p["power_iters"], p["oversample"], gen)                       # Q_X
+        q_out = top_subspace(gs, k_out, p["power_iters"], p["oversample"], gen)                     # Q_G
+        removal = p["shrinkage"] * factored_removal(g32, q_out, q_in)
+        self.removed_sq += float(removal.square().sum())
+        return (g32 - removal).to(grad.dtype)                                       # p_m - s Q_G Q_G^T p_m Q_X Q_X^T
+
+
+# ---- installation on TRL's GRPOTrainer ---------------------------------------------------------------------------
+
+class _StepStats(TrainerCallback):
+    """Per optimizer step: proma_removed_frac = sqrt(sum ||s proj||^2 / sum ||acc||^2) over projected tensors
+    (intra: over micro-batch gradients), proma_capped_frac = share of projections the norm cap shortened."""
+
+    def __init__(self, trainer, projector):
+        self.trainer, self.projector = trainer, projector
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.projector.reset_stats()
+
+    def on_step_end(self, args, state, control, **kw):  # runs before the metrics callback reads step_metrics
+        self.trainer.step_metrics.update(self.projector.stats())
+
+
+def _install(trainer, params: dict, intra: bool) -> Projector:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "peft_config"):  # rank full: only Linear weights get a projected gradient
+        hooked = {id(m.weight) for m in projected_linears(model).values()}
+        frozen = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in hooked]
+        for n, p in model.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
+        if frozen:
+            trainer.note(f"{len(frozen)} non-Linear tensors (norms, tied embedding) frozen: PROMA projects Linear "
+                         "weights only", proma_frozen_tensors=len(frozen))
+    projector = Projector(model, params, intra=intra, seed=trainer.args.seed)
+    if not intra and trainer.args.gradient_accumulation_steps == 1:
+        trainer.note("one micro-batch per optimizer step: nothing to project (PROMA is plain accumulation here)",
+                     proma_nothing_to_project=True)
+    compute_loss = trainer.compute_loss
+
+    def projected_compute_loss(model, inputs, *args, **kwargs):
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        if intra:
+            projector.begin(mask, None)
+        else:  # backprop log-prob gradients (advantages 1); the hooks apply the true advantages
+            projector.begin(mask, inputs["advantages"].detach())
+            inputs = {**inputs, "advantages": torch.ones_like(inputs["advantages"])}
+        projector.collecting = True
+        try:
+            return compute_loss(model, inputs, *args, **kwargs)
+        finally:
+            projector.collecting = False
+
+    trainer.compute_loss = projected_compute_loss
+    trainer.callback_handler.callbacks.insert(0, _StepStats(trainer, projector))
+    trainer.proma = projector
+    return projector
+
+
+def install_proma(trainer, params: dict) -> Projector:
+    return _install(trainer, params, intra=False)
+
+
+def install_proma_intra(trainer, params: dict) -> Projector:
+    return _install(trainer, params, intra=True)
+
+
+def check_params(params: dict) -> None:
+    if "mode" in params and params["mode"] not in ("approx", "exact"):
+        raise BenchError(f"bad mode {params['mode']!r}: valid: approx, exact")
+    for name in ("cap", "k", "ridge", "sweeps"):
+        if name in params and not (isinstance(params[name], (int, float)) and not isinstance(params[name], bool)
+                                   and params[name] > 0):
+            raise BenchError(f"bad {name} {params[name]!r}: must be > 0")
+    for name in ("k", "sweeps", "power_iters", "oversample"):
+        if name in params and not (isinstance(params[name], int) and params[name] >= 0):
+            raise BenchError(f"bad {name} {params[name]!r}: must be an integer")
+    if "shrinkage" in params and not (isinstance(params["shrinkage"], (int, float)) and 0 <= params["shrinkage"] <= 1):
+        raise BenchError(f"bad shrinkage {params['shrinkage']!r}: must be in [0, 1]")
+
+
+NO_CLIPPING = {"epsilon": 1e9}  # the author's "pure" runs: clip ratios 1e9
+
+register(Method(
+    name="proma", summary="PROMA: running gradient projected off each micro-batch's sequence gradients "
+    "(no KL, no clipping)", cite=CITE, beta=0.0, grpo_overrides=NO_CLIPPING, trainer_hooks=(install_proma,),
+    check_params=check_params,
+    params={"mode": "approx", "sweeps": 2, "ridge": 1e-2, "cap": 0.5, "shrinkage": 1.0}))
+register(Method(
+    name="proma_intra", summary="Intra-PROMA: each micro-batch gradient loses its block in the top-k activation x "
+    "output-gradient subspaces (reconstructed; no KL, no clipping)", cite=CITE, beta=0.0,
+    grpo_overrides=NO_CLIPPING, trainer_hooks=(install_proma_intra,), check_params=check_params,
+    params={"k": 100, "power_iters": 1, "oversample": 8, "shrinkage": 1.0}))
+register(Method(
+    name="unclipped_lora", summary="LoRA GRPO with neither KL nor ratio clipping: PROMA's baseline without the "
+    "projection", cite=CITE, beta=0.0, grpo_overrides=NO_CLIPPING))

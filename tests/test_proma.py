@@ -1,0 +1,258 @@
+"""PROMA against independent computations: per-sequence autograd gradients (one backward per sequence), an explicit
+least-squares projection, an explicit SVD; then end-to-end runs through TRL."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench.io import read_jsonl
+from bench.models import load_policy
+from bench.policy import build_policy, targeted_linears
+from bench.runner import run_one
+from bench.spec import RunSpec
+from methods import get_method
+from methods.proma import Projector, capped, projection, top_subspace
+from tasks import get_task, plain_prompt
+
+SMALL = dict(steps=2, eval_size=8, probe_size=4, probe_every=1, kl_step_seqs=4, checkpoint_every=2,
+             max_completion_length=40)
+
+
+def _microbatch(tok, start: int, n: int = 4, seed: int = 0):
+    """Left-padded prompts + random completions with EOS at different places (padding after it), as TRL builds."""
+    prompts = [plain_prompt(e.question) for e in get_task("synth-gsm").examples("eval")[start:start + n]]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    g = torch.Generator().manual_seed(seed)
+    comp = torch.randint(5, 200, (n, 12), generator=g)
+    comp_mask = torch.ones_like(comp)
+    for i in range(n):
+        end = 4 + 2 * i
+        comp[i, end] = tok.eos_token_id
+        comp_mask[i, end + 1:] = 0
+        comp[i, end + 1:] = tok.pad_token_id
+    return {"input_ids": torch.cat([enc["input_ids"], comp], 1),
+            "attention_mask": torch.cat([enc["attention_mask"], comp_mask], 1),
+            "completion_ids": comp, "completion_mask": comp_mask,
+            "advantages": torch.randn(n, generator=g)}
+
+
+def _sequence_terms(model, mb, grad_accum: int = 2):
+    """TRL's loss_type="grpo" at ratio 1 with advantages 1, one term per sequence:
+    -1/(B GA |y_i|) sum_t log pi(y_it)  (summing the terms gives the loss TRL backpropagates)."""
+    comp, cmask = mb["completion_ids"], mb["completion_mask"].float()
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+    logits = logits[:, -comp.shape[1] - 1:-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
+    per_seq = -(logp * cmask).sum(1) / cmask.sum(1)
+    return per_seq / (len(per_seq) * grad_accum)
+
+
+def _autograd_sequence_grads(model, mb, weights: dict) -> dict:
+    """{name: [B, d_out*d_in]}: one backward per sequence."""
+    terms = _sequence_terms(model, mb)
+    out = {name: [] for name in weights}
+    for i in range(len(terms)):
+        grads = torch.autograd.grad(terms[i], list(weights.values()), retain_graph=True)
+        for name, gr in zip(weights, grads):
+            out[name].append(gr.flatten())
+    return {name: torch.stack(v) for name, v in out.items()}
+
+
+def _policy(rank, method="proma"):
+    """The policy, with lora_B moved off zero (at LoRA's init lora_A's gradient is exactly 0)."""
+    model, tok = load_policy("tiny")
+    policy = build_policy(model, get_method(method), rank, None if rank == "full" else float(rank), seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return policy, tok
+
+
+def _backward(policy, projector, mb):
+    projector.begin(mb["attention_mask"], None if projector.intra else mb["advantages"])
+    projector.collecting = True
+    terms = _sequence_terms(policy, mb)
+    projector.collecting = False
+    terms.sum().backward()
+
+
+def _weights(policy, projector, names):
+    return {s.name: s.module.weight for s in projector.slots if any(s.name.endswith(n) for n in names)}
+
+
+PICKS = {4: ["layers.0.self_attn.q_proj.lora_A.default", "layers.3.mlp.down_proj.lora_B.default",
+             "layers.1.mlp.up_proj.lora_A.default"],
+         "full": ["layers.0.self_attn.q_proj", "layers.2.mlp.down_proj"]}
+
+
+@pytest.mark.parametrize("rank", [4, "full"])
+def test_hook_sequence_gradients_equal_autograd_and_first_microbatch_is_plain(tiny, rank):
+    policy, tok = _policy(rank)
+    projector = Projector(policy, get_method("proma").resolve_params(), intra=False, record=True)
+    mb = _microbatch(tok, 0)
+    weights = _weights(policy, projector, PICKS[rank])
+    assert len(weights) == len(PICKS[rank])
+    expected = _autograd_sequence_grads(policy, mb, weights)
+    policy.zero_grad(set_to_none=True)
+    _backward(policy, projector, mb)
+    for name, w in weights.items():
+        got = projector.recorded[name]
+        assert (got - expected[name]).abs().max() <= 1e-5 * max(1.0, float(expected[name].abs().max())), name
+        # one micro-batch: the gradient is the advantage-weighted sum, i.e. plain accumulation of TRL's loss
+        plain = (mb["advantages"][:, None] * expected[name]).sum(0)
+        assert torch.allclose(w.grad.flatten(), plain, atol=1e-6, rtol=1e-5), name
+
+
+def test_exact_projection_makes_running_gradient_orthogonal_to_sequence_gradients(tiny):
+    policy, tok = _policy(4)
+    params = get_method("proma").resolve_params({"mode": "exact", "ridge": 1e-9, "cap": 1e9})
+    projector = Projector(policy, params, intra=False)
+    mb1, mb2 = _microbatch(tok, 0, seed=1), _microbatch(tok, 4, seed=2)
+    weights = _weights(policy, projector, PICKS[4])
+    g2 = _autograd_sequence_grads(policy, mb2, weights)  # independent: one backward per sequence
+    policy.zero_grad(set_to_none=True)
+    _backward(policy, projector, mb1)
+    acc_before = {n: w.grad.flatten().clone() for n, w in weights.items()}
+    _backward(policy, projector, mb2)
+    for name, w in weights.items():
+        p2 = (mb2["advantages"][:, None] * g2[name]).sum(0)
+        projected = w.grad.flatten() - p2  # what the running gradient became before p_2 was added
+        unit = g2[name] / g2[name].norm(dim=1, keepdim=True)
+        assert (unit @ projected).abs().max() <= 1e-4 * acc_before[name].norm(), name
+        assert projected.norm() < acc_before[name].norm()  # something was removed
+        # and what was removed lies in the span: projected + (removed part) == acc_before
+        removed = acc_before[name] - projected
+        coef = torch.linalg.lstsq(g2[name].T.double(), removed.double()).solution
+        assert torch.allclose((g2[name].T.double() @ coef).float(), removed, atol=1e-5 * float(removed.norm()) + 1e-9)
+
+
+def _explicit_projection(acc, basis):
+    """Orthogonal projection of acc onto the row span of basis, by least squares (no Gram, no normalization)."""
+    coef = torch.linalg.lstsq(basis.T.double(), acc.double()).solution
+    return (basis.T.double() @ coef).float()
+
+
+def test_exact_projection_equals_least_squares_and_approx_converges_to_it():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(8, 60, generator=g) @ torch.diag(torch.linspace(0.5, 2, 60))
+    basis[1] = 0.6 * basis[0] + 0.4 * basis[1]  # correlated directions: deflation is not exact in one sweep
+    acc = torch.randn(60, generator=g)
+    g_hat = basis / basis.norm(dim=1, keepdim=True)
+    truth = _explicit_projection(acc, basis)
+    assert torch.allclose(projection(acc, g_hat, "exact", 1e-10, 0), truth, atol=1e-4)
+    errors = [float((projection(acc, g_hat, "approx", 0.0, s) - truth).norm()) for s in (1, 2, 4, 16, 128)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 1e-2 and errors[-1] < 1e-4, errors
+    # one sweep of the coefficient form is literally the author's sequential deflation a <- a - <a,gh_i> gh_i
+    a = acc.clone()
+    for row in g_hat:
+        a = a - (a @ row) * row
+    assert torch.allclose(projection(acc, g_hat, "approx", 0.0, 1), acc - a, atol=1e-5)
+
+
+def test_norm_cap():
+    proj, ref = torch.tensor([3.0, 4.0]), torch.tensor(2.0)
+    out, was = capped(proj, ref, 0.5)
+    assert was and float(out.norm()) == pytest.approx(1.0) and torch.allclose(out / out.norm(), proj / 5)
+    out, was = capped(proj, ref, 10.0)
+    assert not was and torch.equal(out, proj)
+
+
+def test_randomized_top_subspace_matches_svd_with_a_gap():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(500, 40, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(90, 40, generator=g))
+    s = torch.cat([torch.linspace(50, 30, 6), torch.linspace(1, 0.1, 34)])
+    m = (u * s) @ v.T
+    q = top_subspace(m, 6, power_iters=1, oversample=8, generator=torch.Generator().manual_seed(1))
+    _, _, vh = torch.linalg.svd(m, full_matrices=False)
+    exact = vh[:6].T
+    assert torch.allclose(q.T @ q, torch.eye(6), atol=1e-5)
+    assert torch.allclose(q @ q.T, exact @ exact.T, atol=1e-3)  # the same subspace
+
+
+def test_intra_removes_the_dominant_block_per_microbatch(tiny):
+    policy, tok = _policy(4, "proma_intra")
+    params = get_method("proma_intra").resolve_params({"power_iters": 30})
+    projector = Projector(policy, params, intra=True)
+    mb = _microbatch(tok, 0)
+    name = "layers.0.self_attn.q_proj.lora_A.default"
+    slot = next(s for s in projector.slots if s.name.endswith(name))
+    # independent record of the layer's activations and output gradients (our own hooks)
+    seen = {}
+
+    def record(module, args, out):
+        seen["x"] = args[0].detach()
+        out.register_hook(lambda gr: seen.__setitem__("g", gr))
+    h = slot.module.register_forward_hook(record)
+    weights = _weights(policy, projector, [name])
+    expected = _autograd_sequence_grads(policy, mb, weights)[next(iter(weights))]
+    policy.zero_grad(set_to_none=True)
+    _backward(policy, projector, mb)
+    h.remove()
+    keep = mb["attention_mask"].bool()
+    x, gout = seen["x"][keep], seen["g"][keep]
+    k_in, k_out = min(100, x.shape[1] // 10), max(1, min(100, gout.shape[1] // 10))
+    q_in = torch.linalg.svd(x, full_matrices=False)[2][:k_in].T
+    q_out = torch.linalg.svd(gout, full_matrices=False)[2][:k_out].T
+    plain = expected.sum(0).view_as(slot.module.weight)  # the loss here has no advantages: sum of g_i
+    got = slot.module.weight.grad
+    assert float((q_out.T @ got @ q_in).abs().max()) <= 1e-4 * float(plain.abs().max())
+    assert torch.allclose(got, plain - q_out @ (q_out.T @ plain @ q_in) @ q_in.T, atol=1e-4 * float(plain.abs().max()))
+    assert float((got - plain).norm()) > 0.05 * float(plain.norm())
+
+
+def test_one_microbatch_per_step_proma_is_unclipped_grpo_through_trl(tmp_path, tiny):
+    """Through TRL (its shuffling of sequences into micro-batches included): with one micro-batch per step there
+    is nothing to project, so proma's hook-rebuilt gradient must give exactly unclipped GRPO's training."""
+    out = {}
+    for method in ("proma", "unclipped_lora"):
+        spec = RunSpec(method=method, rank=4, grad_accum=1, micro_batch=16, **SMALL)
+        s = run_one(spec, tmp_path / method, progress=False)
+        assert s["status"] == "ok", s.get("error")
+        out[method] = (s, load_file(tmp_path / method / "adapter" / "adapter_model.safetensors"))
+    (sp, wp), (_, wu) = out["proma"], out["unclipped_lora"]
+    assert sp["proma_nothing_to_project"] is True and "nothing to project" in sp["notes"][0]
+    assert "nothing to project" in (tmp_path / "proma" / "run.log").read_text()
+    assert wp.keys() == wu.keys()
+    for k in wu:
+        assert torch.allclose(wp[k], wu[k], atol=1e-6), k
+    assert any(float(wu[k].abs().max()) > 0 for k in wu if "lora_B" in k)  # it trained (lora_B starts at 0)
+
+
+@pytest.mark.parametrize("method,rank", [("proma", 4), ("proma", "full"), ("proma_intra", 4), ("geora+proma", 4)])
+def test_short_runs_write_all_metrics(tmp_path, tiny, method, rank):
+    spec = RunSpec(method=method, rank=rank, **SMALL)
+    s = run_one(spec, tmp_path / "run", progress=False)
+    assert s["status"] == "ok", s.get("error")
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        for key in ("kl_step", "entropy", "kl_ref", "loss", "grad_norm", "proma_removed_frac", "step_seconds"):
+            assert key in r, key
+        assert r["time_reference"] == 0.0 and r["clip_ratio"] == 0.0  # reference-free, unclipped
+        assert 0 < r["proma_removed_frac"] < 1
+    for key in ("accuracy", "kl_ref", "kl_step", "entropy", "wall_clock_s", "peak_mem_mb", "trainable_params"):
+        assert s[key] is not None, key
+    if rank == "full":  # only Linear weights train; norms and the tied embedding are frozen and say so
+        model, _ = load_policy("tiny")
+        linear = sum(m.weight.numel() for m in targeted_linears(model).values())
+        assert s["trainable_params"] == linear < sum(p.numel() for p in model.parameters())
+        assert s["proma_frozen_tensors"] > 0 and "frozen" in s["notes"][0]
+
+
+def test_perf_compares_methods_on_identical_tokens(tmp_path, tiny):
+    """`bench perf` (not a timing assertion): it runs, every method saw the same completions, it writes the keys."""
+    from bench.perf import run_perf
+    out = tmp_path / "perf.json"
+    result = run_perf(["kl_free_lora", "proma", "proma_intra"], 4, 1, "tiny", "cpu", out, log=lambda *_: None)
+    saved = json.loads(out.read_text())
+    assert saved["proma_vs_kl_free_step_ratio"] == result["proma_vs_kl_free_step_ratio"] > 0
+    for key in ("proma_intra_vs_kl_free_step_ratio", "proma_vs_kl_free_update_ratio", "machine", "versions"):
+        assert key in saved, key
+    for m in ("kl_free_lora", "proma", "proma_intra"):
+        t = saved["medians_s"][m]
+        assert t["cycle"] == pytest.approx(t["generation"] + t["update"], rel=1e-6)
