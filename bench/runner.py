@@ -29,6 +29,15 @@ class Diverged(Exception):
     pass
 
 
+class Preempted(Exception):
+    """Training stopped on request (SLURM preemption or time limit) after saving a checkpoint."""
+
+
+# Set (e.g. by a SLURM signal handler) to ask the running run to stop at the end of the current generation batch,
+# save a checkpoint there, and return with status `preempted`; re-running the run resumes from that checkpoint.
+STOP_REQUESTED = threading.Event()
+
+
 def versions() -> dict:
     import peft
     import transformers
@@ -105,6 +114,7 @@ class MetricsCallback(TrainerCallback):
         self.trainer = None
         self.pending: dict | None = None
         self.last_reward = float("nan")
+        self.stopped_at: int | None = None
 
     def _snapshot(self):
         return {k: self.trainer.phase_seconds[k] for k in self.PHASES}, self.trainer.generated_tokens, \
@@ -130,6 +140,12 @@ class MetricsCallback(TrainerCallback):
             if state.global_step % self.spec.probe_every == 0 or state.global_step == state.max_steps:
                 row.update(self.probe.measure(model, self.tokenizer, self.reference))
         self.trainer.step_metrics = {}
+        # A stop request takes effect at a generation-batch boundary: TRL does not checkpoint its buffered
+        # rollouts, so resuming there gives exactly the run that was not interrupted.
+        if STOP_REQUESTED.is_set() and state.global_step % (args.steps_per_generation //
+                                                            args.gradient_accumulation_steps) == 0:
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
         phases, tokens, now = self._snapshot()
         (prev_phases, prev_tokens, prev_now) = self.last
         for k in self.PHASES:
@@ -202,12 +218,13 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
     method = get_method(spec.method)
     atomic_write_json(config_path, {
         "spec": spec.to_dict(), "spec_key": spec.key(), "run_id": spec.run_id,
-        "method": {"name": method.name, "summary": method.summary, "cite": method.cite, "beta": method.resolved_beta(),
+        "method": {"name": method.name, "summary": method.summary, "cite": method.cite, "beta": method.resolved_beta(spec.method_params),
                    "init_lora_weights": str(method.resolved_init(spec.method_params)),
                    "params": method.resolve_params(spec.method_params),
                    "grpo_overrides": method.grpo_overrides},
         "versions": versions(), "git_sha": git_sha(), "machine": {"platform": platform.platform(),
-                                                                   "cpus": os.cpu_count()}})
+                                                                   "cpus": os.cpu_count(),
+                                                                   "torch_threads": torch.get_num_threads()}})
     t0 = time.perf_counter()
     summary = {"run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed}
     try:
@@ -216,6 +233,8 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     except Diverged as e:
         summary.update(status="diverged", error=str(e))
+    except Preempted as e:
+        summary.update(status="preempted", error=str(e))
     except KeyboardInterrupt:
         raise
     except Exception as e:  # a failing run is recorded (traceback in error.log) and the sweep goes on
@@ -253,6 +272,8 @@ def _aggregate(rows: list[dict]) -> dict:
 
 def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int) -> dict:
     device = resolve_device(spec.device)
+    if os.environ.get("BENCH_NUM_THREADS"):  # CPU results depend on the thread count: pin it to compare machines
+        torch.set_num_threads(int(os.environ["BENCH_NUM_THREADS"]))
     with PeakMemory(device) as memory:
         out = _train_measured(spec, method, run_dir, progress, position, device)
     out["peak_mem_mb"] = memory.mb
@@ -280,7 +301,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
 
     t_init = time.perf_counter()
     params = method.resolve_params(spec.method_params)
-    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params)
+    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
     init_seconds = time.perf_counter() - t_init
     residual = spec.rank != "full" and method.modifies_base(params)  # base weights now hold W - s*B0*A0
     adapter_init_dir = run_dir / "adapter_init"
@@ -312,6 +333,8 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     trainer = BenchGRPOTrainer(model=policy, reward_funcs=funcs, args=args, train_dataset=dataset,
                                processing_class=tokenizer, callbacks=[callback], step_kl=StepKL(spec.kl_step_seqs))
     callback.trainer = trainer
+    trainer.log_path = run_dir / "run.log"
+    trainer.run_id = spec.run_id
     trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict
     for hook in method.trainer_hooks:
         hook(trainer, params)
@@ -319,6 +342,8 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         bar.close()
+    if callback.stopped_at is not None and callback.stopped_at < spec.steps:
+        raise Preempted(f"stopped at step {callback.stopped_at} on request; checkpoint saved, re-run to resume")
     final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens)
     save_trained(policy, run_dir, residual)
     out = _aggregate(rows)
@@ -330,4 +355,5 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         "trainable_params": trainable_parameters(policy),
         "device": device, "resumed_from": checkpoint.name if checkpoint else None,
     })
+    out.update(trainer.method_summary)
     return out

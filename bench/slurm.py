@@ -1,0 +1,231 @@
+"""Sweeps on SLURM through submitit: the whole grid as one job array (one array task per run spec).
+
+- Each array task runs `run_one` on its own run directory only; sweep-level files (summary.csv, tables.md) are
+  written by `bench collect` / `bench report` (atomic writes).
+- Preemption and time limits: SLURM signals USR2 (submitit's `--signal USR2@<delay>`); the task stops at the end
+  of the current generation batch, saves a checkpoint there, and is requeued through submitit's checkpointing;
+  the requeued task resumes from that checkpoint and ends with the metrics of an uninterrupted run.
+- `SWEEP/slurm_jobs.json` records which job holds which run (written by the submitter, atomically);
+  `bench status` joins it with the run directories and `sacct`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.errors import BenchError
+from bench.io import atomic_write_json, read_json
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "slurm"
+# profile field -> (type check, submitit parameter)
+PROFILE_FIELDS = {
+    "partition": (str, "slurm_partition"), "gpus_per_node": (int, "gpus_per_node"),
+    "cpus_per_task": (int, "cpus_per_task"), "mem_gb": ((int, float), "mem_gb"),
+    "timeout_min": (int, "timeout_min"), "array_parallelism": (int, "slurm_array_parallelism"),
+    "signal_delay_s": (int, "slurm_signal_delay_s"), "setup": (list, "slurm_setup"),
+    "additional_parameters": (dict, "slurm_additional_parameters"),
+}
+DEFAULT_PROFILE = {"timeout_min": 60, "cpus_per_task": 1, "array_parallelism": 64}
+RECORD = "slurm_jobs.json"
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name: str | None) -> dict:
+    """A named profile in slurm/NAME.yaml or a path to one; fields are checked by name and type."""
+    import yaml
+    if not name:
+        return dict(DEFAULT_PROFILE)
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise BenchError(f"SLURM profile {name!r} not found ({path}); shipped profiles: {', '.join(profile_names())}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise BenchError(f"SLURM profile {path}: bad YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"SLURM profile {path}: expected a mapping of field: value")
+    load_profile_values(data, f"SLURM profile {path}")
+    return {**DEFAULT_PROFILE, **data}
+
+
+def load_profile_values(profile: dict, where: str = "SLURM options") -> None:
+    for key, value in profile.items():
+        if key not in PROFILE_FIELDS:
+            raise BenchError(f"{where}: unknown field {key!r}; valid: {', '.join(PROFILE_FIELDS)}")
+        kind = PROFILE_FIELDS[key][0]
+        if isinstance(value, bool) or not isinstance(value, kind) or (
+                isinstance(value, (int, float)) and value <= 0):
+            raise BenchError(f"{where}: field {key!r} has bad value {value!r}")
+
+
+def executor_parameters(profile: dict) -> dict:
+    return {PROFILE_FIELDS[k][1]: v for k, v in profile.items() if v is not None}
+
+
+class RunTask:
+    """One array task: run (or resume) one run spec in its own directory. Checkpointable: when SLURM signals
+    preemption or the time limit, the run stops at a generation-batch boundary with a checkpoint, and submitit
+    requeues this same call, which resumes from it."""
+
+    def __call__(self, spec: dict, run_dir: str) -> dict:
+        from bench import runner
+        from bench.spec import RunSpec
+
+        # torch's thread count is left as in a local run (or BENCH_NUM_THREADS in both): CPU float sums depend on
+        # it, and a SLURM sweep must reproduce a local one bit for bit
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, lambda *_: runner.STOP_REQUESTED.set())
+        summary = runner.run_one(RunSpec.from_dict(spec), Path(run_dir), progress=False)
+        if summary.get("status") == "preempted" and callable(submitit_handler):
+            submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
+        return summary
+
+    def checkpoint(self, spec: dict, run_dir: str):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, spec, run_dir)
+
+
+@contextmanager
+def _captured_stderr():
+    """Point file descriptor 2 at a temporary file for the block (child processes included)."""
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile(mode="w+") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read())
+
+
+def _sbatch_error(e: Exception, stderr: str = "") -> str:
+    text = stderr + "\n" + str(e)
+    for line in text.splitlines():
+        if "error" in line.lower() and "sbatch" in line.lower():
+            return line.strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def submit(specs, out: Path, profile: dict) -> dict:
+    """Submit the specs as one job array; record {run_id: job_id} in out/slurm_jobs.json. Returns the record."""
+    import submitit
+
+    out.mkdir(parents=True, exist_ok=True)
+    executor = submitit.AutoExecutor(folder=str(out / ".slurm" / "%j"), cluster="slurm", slurm_max_num_timeout=3)
+    executor.update_parameters(name=f"bench-{out.name}", **executor_parameters(profile))
+    try:
+        with _captured_stderr() as err:  # submitit lets sbatch write to our stderr; keep it for the one-line error
+            jobs = executor.map_array(RunTask(), [s.to_dict() for s in specs], [str(out / s.run_id) for s in specs])
+    except Exception as e:  # sbatch refused (no such partition, bad limits): nothing is recorded as submitted
+        raise BenchError(f"sbatch failed: {_sbatch_error(e, ''.join(err))}") from None
+    record = read_record(out)
+    array_id = jobs[0].job_id.split("_")[0]
+    record.setdefault("arrays", []).append({"array_id": array_id, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                            "profile": profile, "runs": [s.run_id for s in specs]})
+    record.setdefault("runs", {}).update({s.run_id: j.job_id for s, j in zip(specs, jobs)})
+    atomic_write_json(out / RECORD, record)
+    return record
+
+
+def read_record(out: Path) -> dict:
+    path = Path(out) / RECORD
+    return read_json(path) if path.is_file() else {}
+
+
+# sacct/squeue state -> bench state (for runs whose directory holds no final summary)
+SCHEDULER_STATES = {"PENDING": "pending", "REQUEUED": "pending", "RUNNING": "running", "COMPLETING": "running",
+                    "CONFIGURING": "running", "SUSPENDED": "running", "PREEMPTED": "preempted",
+                    "CANCELLED": "failed", "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed",
+                    "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed", "COMPLETED": "failed"}
+
+
+def _expand(job_id: str) -> list[str]:
+    """'12_[0-2,5%2]' -> ['12_0', '12_1', '12_2', '12_5']; '12_3' -> ['12_3']."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not m:
+        return [job_id]
+    base, spec = m.group(1), m.group(2).split("%")[0]
+    ids = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        ids += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return ids
+
+
+def scheduler_states(array_ids: list[str]) -> dict[str, str]:
+    """{job_id: SLURM state} from sacct (accounting), else squeue (queued/running jobs only)."""
+    if not array_ids:
+        return {}
+    states: dict[str, str] = {}
+    try:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(array_ids)],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:
+            for line in out.stdout.splitlines():
+                job, _, state = line.partition("|")
+                for j in _expand(job.strip()):
+                    states[j] = state.split()[0] if state else "UNKNOWN"
+            return states
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(array_ids)],
+                             capture_output=True, text=True, timeout=30)
+        for line in out.stdout.splitlines():
+            job, _, state = line.partition("|")
+            states[job.strip()] = state.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return states
+
+
+def sweep_status(out: Path) -> list[dict]:
+    """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted), job_id, detail."""
+    out = Path(out)
+    record = read_record(out)
+    jobs = record.get("runs", {})
+    run_ids = sorted(set(jobs) | {p.parent.name for p in out.glob("*/config.json")})
+    live = scheduler_states(sorted({j.split("_")[0] for j in jobs.values()}))
+    rows = []
+    for run_id in run_ids:
+        summary_path = out / run_id / "summary.json"
+        summary = read_json(summary_path) if summary_path.is_file() else {}
+        job = jobs.get(run_id)
+        scheduler = live.get(job) if job else None
+        state, detail = summary.get("status"), summary.get("error") or ""
+        active = SCHEDULER_STATES.get(scheduler) in ("pending", "running")
+        if state in ("ok", "diverged", "failed") and not (state == "failed" and active):
+            pass  # the run's own record is final
+        elif scheduler is not None:
+            state = SCHEDULER_STATES.get(scheduler, scheduler.lower())
+            if scheduler == "COMPLETED":
+                detail = "job completed without a summary"
+            elif state in ("failed", "preempted"):
+                detail = f"SLURM state {scheduler}"
+        elif state is None:
+            state = "pending" if job else "incomplete"
+        rows.append({"run_id": run_id, "state": state, "job_id": job or "-", "detail": detail})
+    return rows
+
+
+def wait(out: Path, run_ids: list[str], timeout_s: float, poll_s: float = 2.0) -> list[dict]:
+    """Poll until none of run_ids is pending or running (or the timeout); returns the last status rows."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [r for r in sweep_status(out) if r["run_id"] in set(run_ids)]
+        if all(r["state"] not in ("pending", "running") for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(poll_s)
