@@ -12,7 +12,28 @@ from bench.errors import BenchError
 DEFAULTS = {"methods": "all", "ranks": "4,16,64", "seeds": "0", "task": "synth-gsm", "model": "tiny",
             "data": None, "out": None, "steps": None, "lr": None, "alpha": None, "eval_size": None,
             "device": "auto", "task_param": [], "set": [], "method_param": []}
-RUN_KEYS = set(DEFAULTS) | {"config", "no_progress"}
+RUN_KEYS = set(DEFAULTS) | {"config", "no_progress", "preset"}
+PARAM_OPTIONS = {"task_param": "--task-param", "set": "--set", "method_param": "--method-param"}
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    from bench.errors import unknown_name
+    if name not in preset_names():
+        raise unknown_name("preset", name, preset_names())
+    return PRESETS / f"{name}.yaml"
+
+
+def preset_summary(name: str) -> str:
+    """The first comment line of the preset file."""
+    for line in preset_path(name).read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,41 +64,56 @@ def parse_key_values(pairs: list[str], flag: str) -> dict:
     return params
 
 
-def load_config_file(path: str) -> dict:
+def load_config_file(path, what: str = "--config") -> dict:
     import yaml
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
-        raise BenchError(f"--config {path}: cannot read: {e.strerror}") from None
+        raise BenchError(f"{what} {path}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise BenchError(f"--config {path}: bad YAML: {str(e).splitlines()[0]}") from None
+        raise BenchError(f"{what} {path}: bad YAML: {str(e).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise BenchError(f"--config {path}: expected a mapping of option: value")
+        raise BenchError(f"{what} {path}: expected a mapping of option: value")
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in DEFAULTS:
-            raise BenchError(f"--config {path}: unknown key {key!r}; valid: "
+            raise BenchError(f"{what} {path}: unknown key {key!r}; valid: "
                              f"{', '.join(k.replace('_', '-') for k in DEFAULTS)}")
         if name in ("methods", "ranks", "seeds") and isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        if name in ("task_param", "set", "method_param") and isinstance(value, dict):
-            value = [f"{k}={v}" for k, v in value.items()]
+        if name in PARAM_OPTIONS:
+            if value is None:
+                value = {}
+            if not isinstance(value, (dict, list)):
+                raise BenchError(f"{what} {path}: {key} must be a mapping of KEY: VALUE")
+            value = as_params(value, f"{what} {path}: {key}")
         out[name] = value
     return out
 
 
+def as_params(value, flag: str) -> dict:
+    """A mapping from a YAML file, or KEY=VALUE strings from the command line."""
+    return dict(value) if isinstance(value, dict) else parse_key_values(value, flag)
+
+
 def resolve_run_options(args: argparse.Namespace) -> dict:
-    """defaults < --config file < command-line flags."""
-    options = dict(DEFAULTS)
+    """defaults < --preset < --config file < command-line flags. KEY=VALUE options merge key by key."""
+    options = {k: (as_params(v, PARAM_OPTIONS[k]) if k in PARAM_OPTIONS else v) for k, v in DEFAULTS.items()}
+    layers = []
+    if getattr(args, "preset", None):
+        layers.append(load_config_file(preset_path(args.preset), "preset"))
     if args.config:
-        options.update(load_config_file(args.config))
-    for key in DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None and value != []:
-            options[key] = value
+        layers.append(load_config_file(args.config))
+    layers.append({k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) not in (None, [])})
+    for layer in layers:
+        for key, value in layer.items():
+            if key in PARAM_OPTIONS:
+                options[key] = {**options[key], **as_params(value, PARAM_OPTIONS[key])}
+            else:
+                options[key] = value
     return options
 
 
@@ -93,33 +129,51 @@ def build_specs(options: dict):
         seeds = [int(s) for s in _parse_list(options["seeds"], "seeds")]
     except ValueError:
         raise BenchError(f"bad --seeds {options['seeds']!r}: expected integers") from None
-    task_params = parse_key_values(options["task_param"], "--task-param")
+    task_params = as_params(options["task_param"], "--task-param")
     if options["data"]:
         task_params["data"] = str(options["data"])
     task = get_task(options["task"], **task_params)  # unknown task / bad task parameters fail here
     for split in ("train", "eval"):
         task.examples(split)  # malformed or missing data files fail here, before any training
-    method_params = parse_key_values(options["method_param"], "--method-param")
-    if method_params:
-        from methods import get_method
-        for name in methods:
-            get_method(name).resolve_params(method_params)  # unknown or bad values fail before any training
+    method_params = method_params_per_method(methods, as_params(options["method_param"], "--method-param"))
     common = {"task": options["task"], "task_params": task_params, "model": options["model"],
-              "device": options["device"], "method_params": method_params}
-    overrides = parse_key_values(options["set"], "--set")  # any other RunSpec field
+              "device": options["device"]}
+    overrides = as_params(options["set"], "--set")  # any other RunSpec field
     settable = set(RunSpec.__dataclass_fields__) - {"method", "rank", "seed", "task", "task_params", "model",
                                                      "device", "method_params"}
     unknown = sorted(set(overrides) - settable)
     if unknown:
         raise BenchError(f"unknown --set key(s) {', '.join(unknown)}; valid: {', '.join(sorted(settable))}")
     common.update(overrides)
+    if "grpo" in overrides:
+        from bench.spec import check_grpo_settings
+        check_grpo_settings(overrides["grpo"] or {})
     for key, cast in (("steps", int), ("lr", float), ("alpha", float), ("eval_size", int)):
         if options[key] is not None:
             try:
                 common[key] = cast(options[key])
             except (TypeError, ValueError):
                 raise BenchError(f"bad --{key.replace('_', '-')} {options[key]!r}") from None
-    return grid(methods, ranks, seeds, **common)
+    return grid(methods, ranks, seeds, method_params=method_params, **common)
+
+
+def method_params_per_method(methods: list[str], raw: dict) -> dict[str, dict]:
+    """--method-param KEY=V goes to every method of the sweep that has parameter KEY (an error if none has it);
+    METHOD.KEY=V only to METHOD (and compositions containing it). Bad values fail here, before any training."""
+    from methods import get_method
+    out = {m: {} for m in methods}
+    for key, value in raw.items():
+        scope, _, name = key.rpartition(".")
+        targets = [m for m in methods if (not scope or scope in (m, *m.split("+"))) and name in get_method(m).params]
+        if not targets:
+            why = (f"method {scope!r} is not in this sweep or has no parameter {name!r}" if scope
+                   else f"no method of this sweep has a parameter {name!r}")
+            raise BenchError(f"--method-param {key}: {why} (methods: {', '.join(methods)})")
+        for m in targets:
+            out[m][name] = value
+    for m in methods:
+        get_method(m).resolve_params(out[m])
+    return out
 
 
 def check_ranks_against_model(model_name: str, ranks) -> None:
@@ -143,11 +197,79 @@ def cmd_run(args) -> int:
     out = Path(options["out"] or Path("results") / f"{options['task']}-{Path(options['model']).name}")
     check_writable(out)
     check_ranks_against_model(options["model"], [s.rank for s in specs])
+    if args.executor == "slurm":
+        return submit_to_slurm(args, specs, out)
+    if args.executor != "local":
+        raise BenchError(f"unknown --executor {args.executor!r}; valid: local, slurm")
     df = run_sweep(specs, out, progress=not args.no_progress)
     counts = df.status.value_counts().to_dict()
     print(f"{len(df)} runs in {out}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     print(f"tables: {out / 'tables.md'}  summary: {out / 'summary.csv'}")
     return 1 if counts.get("failed") else 0
+
+
+SLURM_FLAGS = ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "array_parallelism")
+
+
+def submit_to_slurm(args, specs, out: Path) -> int:
+    """The grid (minus finished, pending and running runs) as one SLURM job array."""
+    import shutil
+
+    from bench import slurm
+    from bench.models import EMBEDDED, resolve_model_path
+
+    if shutil.which("sbatch") is None:
+        raise BenchError("--executor slurm: sbatch not found (is this a SLURM login node?)")
+    profile = slurm.load_profile(args.profile)
+    for name in SLURM_FLAGS:
+        if getattr(args, name) is not None:
+            profile[name] = getattr(args, name)
+    slurm.load_profile_values(profile)
+    states = {r["run_id"]: r["state"] for r in slurm.sweep_status(out)}
+    active = [s.run_id for s in specs if states.get(s.run_id) in ("pending", "running")]
+    if active and not args.resume:
+        raise BenchError(f"{out}: {len(active)} run(s) already pending or running under SLURM "
+                         f"(e.g. {active[0]}); use --resume to submit only what is missing")
+    todo = [s for s in specs if states.get(s.run_id) not in ("ok", "diverged", "pending", "running")]
+    if not todo:
+        print(f"nothing to submit: all {len(specs)} runs in {out} are finished, pending or running")
+        return 0
+    if specs[0].model in EMBEDDED:
+        resolve_model_path(specs[0].model, progress=not args.no_progress)  # build once, before the array starts
+    record = slurm.submit(todo, out, profile)
+    array = record["arrays"][-1]["array_id"]
+    print(f"submitted SLURM array {array}: {len(todo)} run(s) of {len(specs)} into {out}")
+    if not args.wait:
+        print(f"progress: bench status {out}    tables when done: bench collect {out}")
+        return 0
+    rows = slurm.wait(out, [s.run_id for s in todo], timeout_s=args.wait_timeout)
+    from bench.sweep import collect
+    collect(out)
+    print_status(rows)
+    return 0 if all(r["state"] in ("ok", "diverged") for r in rows) else 1
+
+
+def print_status(rows: list[dict]) -> None:
+    width = max([len(r["run_id"]) for r in rows] + [6])
+    print(f"{'run':{width}s}  {'state':9s}  {'job':12s}  detail")
+    for r in rows:
+        print(f"{r['run_id']:{width}s}  {r['state']:9s}  {r['job_id']:12s}  {r['detail'][:100]}")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs")
+
+
+def cmd_status(args) -> int:
+    from bench import slurm
+    out = Path(args.sweep)
+    if not out.is_dir():
+        raise BenchError(f"{out}: no such sweep directory")
+    rows = slurm.sweep_status(out)
+    if not rows:
+        raise BenchError(f"{out}: no runs (no run directories and no SLURM submission record)")
+    print_status(rows)
+    return 0
 
 
 def cmd_prepare(args) -> int:
@@ -184,6 +306,9 @@ def cmd_list(args) -> int:
     for name, text in EMBEDDED.items():
         print(f"  {name:14s} {text}")
     print(f"  {'<hf id|path>':14s} any Hugging Face causal LM by id or local path (safetensors)")
+    print("presets (bench run --preset NAME):")
+    for name in preset_names():
+        print(f"  {name:18s} {preset_summary(name)}")
     print("methods:")
     for name, m in METHODS.items():
         print(f"  {name:14s} {m.summary}")
@@ -201,6 +326,25 @@ def cmd_collect(args) -> int:
     if df.empty:
         raise BenchError(f"{out}: no run directories with summary.json")
     print(f"{len(df)} runs collected into {out / 'summary.csv'} and {out / 'tables.md'}")
+    return 0
+
+
+def cmd_perf(args) -> int:
+    from bench.perf import format_table, run_perf
+    from bench.spec import parse_rank
+    from bench.sweep import check_writable
+    from methods import method_names
+
+    methods = method_names(args.methods)
+    if len(methods) < 2:
+        raise BenchError("--methods needs a baseline and at least one method to compare with it")
+    if args.reps < 1:
+        raise BenchError(f"bad --reps {args.reps}: must be >= 1")
+    out = Path(args.out)
+    check_writable(out.parent)
+    result = run_perf(methods, parse_rank(args.rank), args.reps, args.model, args.device, out)
+    print(format_table(result))
+    print(f"written: {out}")
     return 0
 
 
@@ -232,8 +376,34 @@ def make_parser() -> argparse.ArgumentParser:
                    help="any other run setting, e.g. max_completion_length=512, num_generations=16 (repeatable)")
     s.add_argument("--out", help="sweep directory (default results/<task>-<model>)")
     s.add_argument("--config", help="YAML file with the same options (flags override)")
+    s.add_argument("--preset", help="a shipped preset (bench list); --config and flags override it")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--executor", default="local", help="local (in this process, default) or slurm (one job array)")
+    s.add_argument("--profile", help="SLURM profile: a name in slurm/ (e.g. local, gpu-example) or a YAML path")
+    s.add_argument("--partition", help="SLURM partition")
+    s.add_argument("--gpus-per-node", dest="gpus_per_node", type=int)
+    s.add_argument("--cpus-per-task", dest="cpus_per_task", type=int)
+    s.add_argument("--mem-gb", dest="mem_gb", type=float)
+    s.add_argument("--timeout-min", dest="timeout_min", type=int, help="time limit per array task (requeued on expiry)")
+    s.add_argument("--array-parallelism", dest="array_parallelism", type=int)
+    s.add_argument("--resume", action="store_true",
+                   help="SLURM: add to an existing submission, submitting only runs not finished, pending or running")
+    s.add_argument("--wait", action="store_true", help="SLURM: wait for the array, then collect the tables")
+    s.add_argument("--wait-timeout", dest="wait_timeout", type=float, default=24 * 3600.0, help="seconds")
     s.set_defaults(func=cmd_run)
+    s = sub.add_parser("perf", help="side-by-side cost ratios of methods (one process, medians)")
+    s.add_argument("--methods", default="kl_free_lora,kl_grpo,proma,proma_intra",
+                   help="comma list; the first is the baseline of every ratio")
+    s.add_argument("--rank", default="16")
+    s.add_argument("--reps", type=int, default=5)
+    s.add_argument("--model", default="tiny")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", default="results/perf.json")
+    s.set_defaults(func=cmd_perf)
+    s = sub.add_parser("status", help="state of each run of a sweep (pending, running, ok, failed, diverged, "
+                       "preempted)")
+    s.add_argument("sweep")
+    s.set_defaults(func=cmd_status)
     s = sub.add_parser("collect", help="rebuild summary.csv and tables.md of a sweep from its run directories")
     s.add_argument("sweep")
     s.set_defaults(func=cmd_collect)

@@ -21,6 +21,21 @@ def parse_rank(value) -> int | str:
     return rank
 
 
+# GRPOConfig fields a run's `grpo` dict may not set: they are RunSpec options, or they define the method
+RESERVED_GRPO = {"output_dir", "beta", "max_steps", "seed", "data_seed", "learning_rate", "temperature",
+                 "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+                 "num_generations", "max_completion_length", "save_steps", "save_strategy", "logging_steps",
+                 "report_to", "use_cpu", "bf16", "fp16", "reward_weights"}
+
+
+def check_grpo_settings(settings: dict) -> None:
+    """Every key must be a GRPOConfig field (TRL 1.16)."""
+    from trl import GRPOConfig
+    unknown = sorted(set(settings) - set(GRPOConfig.__dataclass_fields__))
+    if unknown:
+        raise BenchError(f"unknown grpo setting(s) {', '.join(unknown)}: not GRPOConfig fields of TRL 1.16")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     method: str
@@ -45,6 +60,8 @@ class RunSpec:
     checkpoint_every: int = 10
     reward: dict = field(default_factory=lambda: {"correct": 1.0, "format": 0.0, "extraction": "strict"})
     device: str = "auto"
+    lora_dropout: float = 0.0
+    grpo: dict = field(default_factory=dict)  # extra GRPOConfig settings by TRL name (e.g. lr_scheduler_type)
 
     def __post_init__(self):
         for name in ("steps", "num_generations", "micro_batch", "grad_accum", "max_completion_length",
@@ -56,6 +73,14 @@ class RunSpec:
         if (2 * self.micro_batch * self.grad_accum) % self.num_generations:
             raise BenchError(f"a generation batch ({2 * self.micro_batch * self.grad_accum} completions) must be a "
                              f"multiple of num_generations ({self.num_generations})")
+        if not isinstance(self.grpo, dict):
+            raise BenchError(f"bad grpo {self.grpo!r}: expected a mapping of GRPOConfig settings")
+        reserved = sorted(set(self.grpo) & RESERVED_GRPO)
+        if reserved:
+            raise BenchError(f"grpo setting(s) {', '.join(reserved)} are set by the harness or the method "
+                             "(use the run's own options)")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            raise BenchError(f"bad lora_dropout {self.lora_dropout!r}: must be in [0, 1)")
         for name in ("lr", "temperature"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -66,7 +91,9 @@ class RunSpec:
         return f"{self.method}_r{self.rank}_s{self.seed}"
 
     @property
-    def lora_alpha(self) -> float:
+    def lora_alpha(self) -> float | None:
+        if self.rank == "full":
+            return None  # no adapter
         return float(self.alpha if self.alpha is not None else self.rank)
 
     def to_dict(self) -> dict:

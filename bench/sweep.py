@@ -26,8 +26,12 @@ TABLES = [("kl_ref", "KL to the initial policy (kl_ref, final, exact, probe set)
           ("wall_clock_s", "Training wall-clock, seconds (metrics excluded)", "{:.1f}")]
 
 
-def grid(methods: list[str], ranks: list, seeds: list[int], **common) -> list[RunSpec]:
-    return [RunSpec(method=m, rank=r, seed=s, **common) for m in methods for r in ranks for s in seeds]
+def grid(methods: list[str], ranks: list, seeds: list[int], method_params: dict | None = None,
+         **common) -> list[RunSpec]:
+    """method_params: {method: {param: value}} (each method gets only its own)."""
+    per = method_params or {}
+    return [RunSpec(method=m, rank=r, seed=s, method_params=dict(per.get(m, {})), **common)
+            for m in methods for r in ranks for s in seeds]
 
 
 def check_writable(out: Path) -> None:

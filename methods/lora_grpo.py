@@ -9,15 +9,22 @@ The engine is TRL's GRPOTrainer with loss_type="grpo", scale_rewards="group", ep
 use_bias_correction_kl=False (the plain k3 term above), set explicitly in bench.engine.
 `kl_free_lora` is the same with beta = 0, so TRL builds no reference and runs no reference forward.
 """
+from bench.errors import BenchError
 from methods import Method, register
 
 CITE = "Rottman, Tonin, Wu, Koike-Akino, Cevher. Connecting Low-Rank Adapters and Policy Stability in GRPO " \
        "Fine-Tuning. ICML Workshop 2026 (MERL TR2026-092)"
 
+def check_beta(params: dict) -> None:
+    beta = params.get("beta", 0.0)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+        raise BenchError(f"bad beta {beta!r}: must be a number >= 0")
+
+
 register(Method(
     name="kl_grpo",
     summary="LoRA GRPO, clipped surrogate + KL penalty toward the initial policy (beta 0.04)",
-    cite=CITE, beta=0.04))
+    cite=CITE, beta=0.04, params={"beta": 0.04}, check_params=check_beta))
 
 register(Method(
     name="kl_free_lora",
@@ -25,4 +32,5 @@ register(Method(
     cite=CITE, beta=0.0))
 
 # `+kl` adds the KL penalty to any method (e.g. geora+kl); it is a component, not a method of its own.
-register(Method(name="kl", summary="KL penalty toward the initial policy (beta 0.04)", cite=CITE, beta=0.04), component_only=True)
+register(Method(name="kl", summary="KL penalty toward the initial policy (beta 0.04)", cite=CITE, beta=0.04,
+                params={"beta": 0.04}, check_params=check_beta), component_only=True)

@@ -38,9 +38,27 @@ def assert_one_line_error(result, *fragments):
     (["run", "--task-param", "max_steps"], ["bad --task-param 'max_steps': expected KEY=VALUE"]),
     (["run", "--set", "temperature=hot"], ["bad temperature 'hot'"]),
     (["run", "--task-param", "max_steps=9"], ["synth-gsm: steps must satisfy"]),
+    (["run", "--methods", "proma", "--method-param", "mode=fast"], ["bad mode 'fast'", "approx, exact"]),
+    (["run", "--methods", "proma", "--method-param", "cap=0"], ["bad cap 0: must be > 0"]),
+    (["run", "--methods", "proma_intra", "--method-param", "k=-2"], ["bad k -2: must be > 0"]),
+    (["run", "--methods", "proma+kl"], ["cannot compose proma+kl: both set beta"]),
+    (["perf", "--methods", "proma"], ["--methods needs a baseline"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_one_line_error(bench(*args), *fragments)
+
+
+def test_method_params_go_to_the_methods_that_have_them():
+    from bench.cli import method_params_per_method
+    from bench.errors import BenchError
+    methods = ["geora", "proma", "geora+proma", "kl_free_lora"]
+    out = method_params_per_method(methods, {"rho": 0.3, "proma.cap": 0.2, "sweeps": 3})
+    assert out == {"geora": {"rho": 0.3}, "proma": {"cap": 0.2, "sweeps": 3},
+                   "geora+proma": {"rho": 0.3, "cap": 0.2, "sweeps": 3}, "kl_free_lora": {}}
+    with pytest.raises(BenchError, match="method 'kl_grpo' is not in this sweep"):
+        method_params_per_method(methods, {"kl_grpo.rho": 0.3})
+    with pytest.raises(BenchError, match="bad cap -1"):
+        method_params_per_method(methods, {"proma.cap": -1})
 
 
 def test_rank_larger_than_smallest_matrix(tmp_path, tiny):

@@ -113,7 +113,7 @@ def test_bad_rho_is_a_one_line_error():
     from tests.test_cli import assert_one_line_error, bench
     assert_one_line_error(bench("run", "--methods", "geora", "--method-param", "rho=1.5"), "bad rho 1.5")
     assert_one_line_error(bench("run", "--methods", "milora", "--method-param", "rho=0.3"),
-                          "method 'milora' has no parameter(s) rho")
+                          "--method-param rho: no method of this sweep has a parameter 'rho'")
 
 
 @pytest.mark.parametrize("method", ["geora", "geora+kl"])
