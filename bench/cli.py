@@ -272,6 +272,50 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _report_problems(problems: list[str]) -> None:
+    for p in problems:
+        sys.stderr.write(f"bench: skipped: {p}\n")
+
+
+def cmd_report(args) -> int:
+    from bench.report import write_report
+    out = Path(args.sweep)
+    if not out.is_dir():
+        raise BenchError(f"{out}: no such sweep directory")
+    sweep, info = write_report(out)
+    _report_problems(sweep.problems)
+    if sweep.runs.empty:
+        raise BenchError(f"{out}: nothing to report (no readable run summaries)")
+    print(f"report: {out / 'report.html'}  ({len(sweep.runs)} runs, plots: {', '.join(info['plots']) or 'none'})")
+    print(f"tables: {out / 'tables.md'}  claims: {out / 'claims.md'}")
+    for c in info["claims"]:
+        print(f"  [{c.verdict}] {c.claim} ({c.statistic}; n={c.n})")
+    return 1 if sweep.problems else 0
+
+
+def cmd_leaderboard(args) -> int:
+    from bench.io import atomic_write_text
+    from bench.report import leaderboard, load_sweep
+    sweep = load_sweep(*[Path(s) for s in args.sweeps])
+    _report_problems(sweep.problems)
+    for note in sweep.notes:
+        sys.stderr.write(f"bench: note: {note}\n")
+    if sweep.runs.empty:
+        raise BenchError("nothing to rank: no readable run summaries in " + ", ".join(args.sweeps))
+    board = leaderboard(sweep)
+    csv = Path(args.csv)
+    atomic_write_text(csv, board.to_csv(index=False))
+    with pd_options():
+        print(board.drop(columns=["sweeps"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"written: {csv} ({len(board)} rows from {len(sweep.runs)} runs)")
+    return 1 if sweep.problems else 0
+
+
+def pd_options():
+    import pandas as pd
+    return pd.option_context("display.width", 200, "display.max_columns", 30)
+
+
 def cmd_prepare(args) -> int:
     from bench.generation import greedy_accuracy
     from bench.io import read_json
@@ -404,6 +448,13 @@ def make_parser() -> argparse.ArgumentParser:
                        "preempted)")
     s.add_argument("sweep")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("report", help="tables, plots, claims and a self-contained report.html for a sweep")
+    s.add_argument("sweep")
+    s.set_defaults(func=cmd_report)
+    s = sub.add_parser("leaderboard", help="one row per method x rank over seeds, merged over sweeps, as CSV")
+    s.add_argument("sweeps", nargs="+")
+    s.add_argument("--csv", default="results/leaderboard.csv")
+    s.set_defaults(func=cmd_leaderboard)
     s = sub.add_parser("collect", help="rebuild summary.csv and tables.md of a sweep from its run directories")
     s.add_argument("sweep")
     s.set_defaults(func=cmd_collect)

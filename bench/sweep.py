@@ -57,10 +57,20 @@ def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True) -> pd.Data
     return collect(out)
 
 
-def load_runs(out: Path) -> pd.DataFrame:
+def load_runs(out: Path, problems: list | None = None) -> pd.DataFrame:
+    """One row per readable run summary; unreadable ones are named in `problems` and skipped."""
     rows = []
     for summary in sorted(Path(out).glob("*/summary.json")):
-        s = read_json(summary)
+        try:
+            s = read_json(summary)
+        except (OSError, ValueError) as e:
+            if problems is not None:
+                problems.append(f"{summary}: unreadable ({type(e).__name__})")
+            continue
+        if not isinstance(s, dict) or "status" not in s:
+            if problems is not None:
+                problems.append(f"{summary}: not a run summary")
+            continue
         rows.append({c: s.get(c) for c in SUMMARY_COLUMNS})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
