@@ -11,7 +11,7 @@ from bench.errors import BenchError
 
 DEFAULTS = {"methods": "all", "ranks": "4,16,64", "seeds": "0", "task": "synth-gsm", "model": "tiny",
             "data": None, "out": None, "steps": None, "lr": None, "alpha": None, "eval_size": None,
-            "device": "auto", "task_param": [], "set": [], "method_param": []}
+            "device": "auto", "task_param": [], "set": [], "method_param": [], "final_eval": None}
 RUN_KEYS = set(DEFAULTS) | {"config", "no_progress", "preset"}
 PARAM_OPTIONS = {"task_param": "--task-param", "set": "--set", "method_param": "--method-param"}
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -148,6 +148,8 @@ def build_specs(options: dict):
     if "grpo" in overrides:
         from bench.spec import check_grpo_settings
         check_grpo_settings(overrides["grpo"] or {})
+    if options["final_eval"]:
+        common["final_eval"] = str(options["final_eval"])
     for key, cast in (("steps", int), ("lr", float), ("alpha", float), ("eval_size", int)):
         if options[key] is not None:
             try:
@@ -316,6 +318,16 @@ def pd_options():
     return pd.option_context("display.width", 200, "display.max_columns", 30)
 
 
+def cmd_eval(args) -> int:
+    from bench.evaluate import evaluate_run
+    out = evaluate_run(Path(args.run_dir), limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                       device=args.device)
+    print(f"{args.run_dir}: lm-eval {out['task']} ({out['n']} items, {out['num_fewshot']}-shot): "
+          f"strict-match {out['strict_match']:.4f}, flexible-extract {out['flexible_extract']:.4f} "
+          f"(written to summary.json)")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from bench.generation import greedy_accuracy
     from bench.io import read_json
@@ -422,6 +434,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML file with the same options (flags override)")
     s.add_argument("--preset", help="a shipped preset (bench list); --config and flags override it")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--final-eval", dest="final_eval", choices=["none", "lm-eval"],
+                   help="lm-eval: also evaluate each trained policy with lm-eval (into summary.json)")
     s.add_argument("--executor", default="local", help="local (in this process, default) or slurm (one job array)")
     s.add_argument("--profile", help="SLURM profile: a name in slurm/ (e.g. local, gpu-example) or a YAML path")
     s.add_argument("--partition", help="SLURM partition")
@@ -448,6 +462,13 @@ def make_parser() -> argparse.ArgumentParser:
                        "preempted)")
     s.add_argument("sweep")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("eval", help="evaluate a trained run with lm-eval (strict and flexible exact match)")
+    s.add_argument("run_dir")
+    s.add_argument("--limit", type=int, help="first N items only")
+    s.add_argument("--num-fewshot", dest="num_fewshot", type=int, default=0)
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_eval)
     s = sub.add_parser("report", help="tables, plots, claims and a self-contained report.html for a sweep")
     s.add_argument("sweep")
     s.set_defaults(func=cmd_report)

@@ -238,6 +238,9 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
     try:
         summary.update(_train(spec, method, run_dir, progress, position))
         summary["status"] = "ok"
+        if spec.final_eval == "lm-eval":
+            from bench.evaluate import evaluate_run
+            summary["lm_eval"] = evaluate_run(run_dir, write=False)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     except Diverged as e:
         summary.update(status="diverged", error=str(e))

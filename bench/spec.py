@@ -61,6 +61,7 @@ class RunSpec:
     reward: dict = field(default_factory=lambda: {"correct": 1.0, "format": 0.0, "extraction": "strict"})
     device: str = "auto"
     lora_dropout: float = 0.0
+    final_eval: str = "none"            # "lm-eval": also evaluate the trained policy with lm-eval (summary.lm_eval)
     grpo: dict = field(default_factory=dict)  # extra GRPOConfig settings by TRL name (e.g. lr_scheduler_type)
 
     def __post_init__(self):
@@ -73,6 +74,8 @@ class RunSpec:
         if (2 * self.micro_batch * self.grad_accum) % self.num_generations:
             raise BenchError(f"a generation batch ({2 * self.micro_batch * self.grad_accum} completions) must be a "
                              f"multiple of num_generations ({self.num_generations})")
+        if self.final_eval not in ("none", "lm-eval"):
+            raise BenchError(f"bad final_eval {self.final_eval!r}: valid: none, lm-eval")
         if not isinstance(self.grpo, dict):
             raise BenchError(f"bad grpo {self.grpo!r}: expected a mapping of GRPOConfig settings")
         reserved = sorted(set(self.grpo) & RESERVED_GRPO)

@@ -1,0 +1,97 @@
+"""`bench eval RUN_DIR` (and `--final-eval lm-eval`): the trained policy evaluated by lm-eval's `simple_evaluate`,
+in-process, with lm-eval's own gsm8k prompt, generation, filters and exact-match metric.
+
+- hub GSM8K (task `gsm8k` without --data): lm-eval's stock `gsm8k` task;
+- `synth-gsm` and local GSM8K jsonl: a task YAML generated from the stock one (same doc_to_text, `until`, filters
+  and metric), reading the run's eval split from a local jsonl.
+Zero-shot by default (`--num-fewshot` to change), the harness's own prompt format; `max_gen_toks` is the run's
+max_completion_length. Strict and flexible exact match go into summary.json under `lm_eval`.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bench.errors import BenchError
+from bench.io import atomic_write_json, read_json
+
+STOCK_TASK = "gsm8k"
+
+
+def local_task_yaml(name: str, data_file: Path, max_gen_toks: int) -> dict:
+    """lm-eval's stock gsm8k task, pointed at a local jsonl test split."""
+    import lm_eval
+    stock = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text())
+    task = {k: v for k, v in stock.items() if k not in ("tag", "dataset_name", "training_split", "fewshot_split")}
+    task.update(task=name, dataset_path="json", dataset_kwargs={"data_files": {"test": str(data_file)}},
+                test_split="test", fewshot_split="test", num_fewshot=0)
+    task["generation_kwargs"] = {**stock["generation_kwargs"], "max_gen_toks": max_gen_toks}
+    return task
+
+
+def load_trained(run_dir: Path, spec, device: str):
+    """The trained policy as a plain model: the original base + the saved adapter, merged (or the saved full model)."""
+    from bench.models import load_policy
+    base, tokenizer = load_policy(spec.model, device=device, progress=False)
+    if (run_dir / "adapter").is_dir():
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
+    elif (run_dir / "model").is_dir():
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "model", use_safetensors=True).to(device)
+    else:
+        raise BenchError(f"{run_dir}: no trained adapter/ or model/ (did the run finish?)")
+    return model.eval(), tokenizer
+
+
+def evaluate_run(run_dir: Path, limit: int | None = None, num_fewshot: int = 0, batch_size: int = 64,
+                 device: str = "auto", write: bool = True) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from bench.models import uses_chat_template
+    from bench.runner import resolve_device
+    from bench.spec import RunSpec
+    from tasks import get_task
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise BenchError(f"{run_dir}: not a run directory (no config.json)")
+    spec = RunSpec.from_dict(read_json(run_dir / "config.json")["spec"])
+    device = resolve_device(spec.device if device == "auto" else device)
+    model, tokenizer = load_trained(run_dir, spec, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        if spec.task == "gsm8k" and "data" not in spec.task_params:
+            task_name, manager = STOCK_TASK, TaskManager()
+        else:  # the run's own eval split (the items the harness's greedy accuracy uses)
+            evals = get_task(spec.task, **spec.task_params).examples("eval")
+            if spec.eval_size is not None:
+                evals = evals[:spec.eval_size]
+            data = Path(tmp) / "test.jsonl"
+            data.write_text("".join(json.dumps({"question": e.question, "answer": f"#### {e.gold}"}) + "\n"
+                                    for e in evals))
+            task_name = f"bench_{spec.task.replace('-', '_')}"
+            (Path(tmp) / f"{task_name}.yaml").write_text(yaml.safe_dump(
+                local_task_yaml(task_name, data, spec.max_completion_length)))
+            manager = TaskManager(include_path=tmp)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                  max_length=getattr(model.config, "max_position_embeddings", None))
+        results = simple_evaluate(model=lm, tasks=[task_name], num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager, apply_chat_template=uses_chat_template(tokenizer),
+                                  log_samples=False, bootstrap_iters=0,
+                                  gen_kwargs={"max_gen_toks": spec.max_completion_length})
+    metrics = results["results"][task_name]
+    import lm_eval
+    out = {"task": task_name, "num_fewshot": num_fewshot, "strict_match": float(metrics["exact_match,strict-match"]),
+           "flexible_extract": float(metrics["exact_match,flexible-extract"]),
+           "n": results.get("n-samples", {}).get(task_name, {}).get("effective"),
+           "chat_template": uses_chat_template(tokenizer), "lm_eval_version": lm_eval.__version__}
+    if write and (run_dir / "summary.json").is_file():
+        summary = read_json(run_dir / "summary.json")
+        summary["lm_eval"] = out
+        atomic_write_json(run_dir / "summary.json", summary)
+    return out
