@@ -398,7 +398,8 @@ def cmd_perf(args) -> int:
         raise BenchError(f"bad --reps {args.reps}: must be >= 1")
     out = Path(args.out)
     check_writable(out.parent)
-    result = run_perf(methods, parse_rank(args.rank), args.reps, args.model, args.device, out)
+    result = run_perf(methods, parse_rank(args.rank), args.reps, args.model, args.device, out,
+                      full=not args.methods_only)
     print(format_table(result))
     print(f"written: {out}")
     return 0
@@ -457,6 +458,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="tiny")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", default="results/perf.json")
+    s.add_argument("--methods-only", dest="methods_only", action="store_true",
+                   help="only the method step ratios (skip harness-vs-TRL, attention, generation, metrics, init)")
     s.set_defaults(func=cmd_perf)
     s = sub.add_parser("status", help="state of each run of a sweep (pending, running, ok, failed, diverged, "
                        "preempted)")

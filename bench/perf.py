@@ -9,10 +9,17 @@ same two optimizer steps per generation batch for everyone. A step is half a gen
 `<m>_vs_<baseline>_step_ratio` = median cycle(m) / median cycle(baseline); `..._update_ratio` the same for the
 update part only (the stricter figure: generation is identical for all). Memory: peak growth over the update
 (GPU: max allocated; CPU: resident set sampled every 20 ms, coarse).
+
+The rest (skipped with --methods-only), each measured the same way on kl_free_lora:
+- harness_vs_trl_step_ratio: our BenchGRPOTrainer vs a bare TRL GRPOTrainer, same cycle, metrics off;
+- eager_vs_sdpa_step_ratio (CPU): attention implementations, same cycle;
+- generation_vs_generate_ratio: completion tokens/s of the harness's rollout generation vs the model's own
+  `generate` on the same prompts, sampling settings and token budget;
+- metric_overhead_fraction: kl_step (every step) + the probe set (every probe_every steps) per training step;
+- init_seconds: geora, pissa, milora initialization on the benchmarked model.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -31,7 +38,8 @@ def _short(name: str) -> str:
 class MethodBench:
     """One method's policy + trainer, resettable to its initial state."""
 
-    def __init__(self, method_name: str, spec, model_name: str, device: str, rows: list):
+    def __init__(self, method_name: str, spec, model_name: str, device: str, rows: list, attn: str | None = None,
+                 trainer_cls=None, label: str | None = None):
         from datasets import Dataset
 
         from bench.engine import BenchGRPOTrainer, grpo_config
@@ -40,10 +48,10 @@ class MethodBench:
         from methods import get_method
         from tasks import RewardConfig, chat_prompt, plain_prompt
 
-        self.name = method_name
+        self.name = label or method_name
         method = get_method(method_name)
         params = method.resolve_params(spec.method_params)
-        model, self.tokenizer = load_policy(model_name, device=device, progress=False)
+        model, self.tokenizer = load_policy(model_name, device=device, progress=False, attn=attn)
         self.policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params)
         to_prompt = chat_prompt if uses_chat_template(self.tokenizer) else plain_prompt
         self.rows = [{"prompt": to_prompt(r["question"]), "gold": r["gold"]} for r in rows]
@@ -52,7 +60,7 @@ class MethodBench:
         self.tmp = tempfile.TemporaryDirectory()
         args = grpo_config(spec, method, self.tmp.name, weights, chat=to_prompt is chat_prompt,
                            use_cpu=device == "cpu")
-        self.trainer = BenchGRPOTrainer(model=self.policy, reward_funcs=funcs, args=args,
+        self.trainer = (trainer_cls or BenchGRPOTrainer)(model=self.policy, reward_funcs=funcs, args=args,
                                         train_dataset=Dataset.from_list(self.rows[:1]),
                                         processing_class=self.tokenizer)
         for hook in method.trainer_hooks:
@@ -94,15 +102,20 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def method_step_ratios(methods: list[str], spec, model_name: str, device: str, reps: int, seed: int = 0,
-                       log=print) -> dict:
-    from bench.runner import PeakMemory
+def _rows(spec) -> list[dict]:
     from tasks import get_task
-
     n_prompts = 2 * spec.micro_batch * spec.grad_accum // spec.num_generations
     examples = get_task(spec.task, **spec.task_params).examples("train")[:n_prompts]
-    rows = [{"question": e.question, "gold": e.gold} for e in examples for _ in range(spec.num_generations)]
-    benches = [MethodBench(m, spec, model_name, device, rows) for m in methods]
+    return [{"question": e.question, "gold": e.gold} for e in examples for _ in range(spec.num_generations)]
+
+
+def method_step_ratios(methods: list[str], spec, model_name: str, device: str, reps: int, seed: int = 0,
+                       log=print, benches: list | None = None, check_tokens: bool = True) -> dict:
+    from bench.runner import PeakMemory
+
+    rows = _rows(spec)
+    benches = benches or [MethodBench(m, spec, model_name, device, rows) for m in methods]
+    methods = [b.name for b in benches]
     times = {m: {"generation": [], "update": [], "cycle": []} for m in methods}
     memory = {m: [] for m in methods}
     reference_tokens = None
@@ -123,7 +136,7 @@ def method_step_ratios(methods: list[str], spec, model_name: str, device: str, r
             tokens = batch["completion_ids"]
             if rep == 1 and reference_tokens is None:
                 reference_tokens = tokens
-            if rep == 1 and not torch.equal(tokens, reference_tokens):
+            if check_tokens and rep == 1 and not torch.equal(tokens, reference_tokens):
                 raise RuntimeError(f"{b.name} generated different completions: the comparison would not be fair")
             if rep == 0:
                 continue
@@ -142,13 +155,102 @@ def method_step_ratios(methods: list[str], spec, model_name: str, device: str, r
     return out
 
 
+def generation_vs_generate(spec, model_name: str, device: str, reps: int, log=print) -> dict:
+    """Rollout generation through the harness (TRL's _generate, LoRA folded into the weights) vs the model's own
+    `generate` on the same prompts, sampling settings and token budget: ratio of completion tokens per second."""
+    from transformers import set_seed
+    b = MethodBench("kl_free_lora", spec, model_name, device, _rows(spec))
+    prompts = [r["prompt"] for r in b.rows]
+    text = [p if isinstance(p, str) else b.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+    enc = b.tokenizer(text, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    times = {"harness": [], "generate": []}
+    tokens = {"harness": [], "generate": []}
+    b.policy.train()
+    for rep in range(reps + 1):
+        for side in (("harness", "generate") if rep % 2 else ("generate", "harness")):
+            set_seed(rep)
+            _sync()
+            t0 = time.perf_counter()
+            if side == "harness":
+                out = b.trainer._generate(prompts)
+                n = sum(len(c) for c in out[1])
+            else:
+                with torch.no_grad():
+                    ids = b.policy.generate(**enc, do_sample=True, temperature=spec.temperature, top_k=0, top_p=1.0,
+                                            max_new_tokens=spec.max_completion_length,
+                                            pad_token_id=b.tokenizer.pad_token_id, eos_token_id=b.tokenizer.eos_token_id)
+                comp = ids[:, enc["input_ids"].shape[1]:]
+                from bench.metrics import completion_mask
+                n = int(completion_mask(comp, b.tokenizer.eos_token_id).sum())
+            _sync()
+            if rep:
+                times[side].append(time.perf_counter() - t0)
+                tokens[side].append(n)
+    rate = {s: statistics.median(n / t for n, t in zip(tokens[s], times[s])) for s in times}
+    log("  generation vs generate done")
+    return {"generation_vs_generate_ratio": rate["harness"] / rate["generate"],
+            "generation_tokens_per_s": rate, "generation_medians_s": {s: statistics.median(t) for s, t in times.items()}}
+
+
+def metric_overhead(spec, model_name: str, device: str, reps: int, log=print) -> dict:
+    """The harness's metrics at the default cadence (kl_step on every step; the probe set every probe_every steps)
+    as a fraction of a training step, measured on the same policy and rollouts."""
+    from bench.metrics import InitialPolicy, ProbeSet, RolloutBatch, StepKL
+    from bench.models import uses_chat_template
+    from tasks import chat_prompt, get_task, plain_prompt
+    b = MethodBench("kl_free_lora", spec, model_name, device, _rows(spec))
+    to_prompt = chat_prompt if uses_chat_template(b.tokenizer) else plain_prompt
+    probe = ProbeSet([to_prompt(e.question) for e in get_task(spec.task, **spec.task_params).examples("eval")
+                      [:spec.probe_size]], spec.max_completion_length, seed=spec.seed)
+    reference, step_kl = InitialPolicy(b.policy), StepKL(spec.kl_step_seqs)
+    cycles, kls, probes = [], [], []
+    for rep in range(reps + 1):
+        b.reset()
+        t0 = time.perf_counter()
+        batch = b.generation_batch(rep)
+        b.update(batch)
+        t1 = time.perf_counter()
+        rollout = RolloutBatch(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                               batch["completion_mask"])
+        step_kl.capture_before(b.policy, rollout)
+        step_kl.after_step(b.policy)
+        t2 = time.perf_counter()
+        probe.measure(b.policy, b.tokenizer, reference)
+        t3 = time.perf_counter()
+        if rep:
+            cycles.append(t1 - t0)
+            kls.append(t2 - t1)
+            probes.append(t3 - t2)
+    step = statistics.median(cycles) / 2
+    per_step = statistics.median(kls) + statistics.median(probes) / spec.probe_every
+    log("  metric overhead done")
+    return {"metric_overhead_fraction": per_step / step,
+            "metric_medians_s": {"step": step, "kl_step_per_step": statistics.median(kls),
+                                 "probe": statistics.median(probes), "probe_every": spec.probe_every}}
+
+
+def init_seconds(model_name: str, rank: int, device: str) -> dict:
+    from bench.models import load_policy
+    from bench.policy import build_policy
+    from methods import get_method
+    out = {}
+    for name in ("geora", "pissa", "milora"):
+        model, _ = load_policy(model_name, device=device, progress=False)
+        t0 = time.perf_counter()
+        build_policy(model, get_method(name), rank, float(rank), seed=0)
+        out[name] = time.perf_counter() - t0
+    return out
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__}
 
 
-def run_perf(methods: list[str], rank, reps: int, model: str, device: str, out: Path, log=print) -> dict:
+def run_perf(methods: list[str], rank, reps: int, model: str, device: str, out: Path, log=print,
+             full: bool = True) -> dict:
     from bench.runner import resolve_device, versions
     from bench.spec import RunSpec
 
@@ -159,6 +261,26 @@ def run_perf(methods: list[str], rank, reps: int, model: str, device: str, out: 
         "rank": rank, "reps": reps, "model": model, "micro_batch": spec.micro_batch, "grad_accum": spec.grad_accum,
         "num_generations": spec.num_generations, "max_completion_length": spec.max_completion_length}}
     result.update(method_step_ratios(methods, spec, model, device, reps, log=log))
+    if full:
+        from trl import GRPOTrainer
+        rows = _rows(spec)
+        log("harness vs bare TRL GRPOTrainer (kl_free_lora, metrics off)")
+        pair = [MethodBench("kl_free_lora", spec, model, device, rows, trainer_cls=GRPOTrainer, label="bare_trl"),
+                MethodBench("kl_free_lora", spec, model, device, rows, label="harness")]
+        r = method_step_ratios([], spec, model, device, reps, log=log, benches=pair, check_tokens=False)
+        result["harness_vs_trl_step_ratio"] = r["harness_vs_bare_trl_step_ratio"]
+        result["harness_vs_trl_medians_s"] = r["medians_s"]
+        if device == "cpu":
+            log("eager vs sdpa attention (kl_free_lora)")
+            pair = [MethodBench("kl_free_lora", spec, model, device, rows, attn="sdpa", label="sdpa"),
+                    MethodBench("kl_free_lora", spec, model, device, rows, attn="eager", label="eager")]
+            r = method_step_ratios([], spec, model, device, reps, log=log, benches=pair, check_tokens=False)
+            result["eager_vs_sdpa_step_ratio"] = r["eager_vs_sdpa_step_ratio"]
+            result["eager_vs_sdpa_medians_s"] = r["medians_s"]
+        result.update(generation_vs_generate(spec, model, device, reps, log=log))
+        result.update(metric_overhead(spec, model, device, reps, log=log))
+        result["init_seconds"] = init_seconds(model, rank if rank != "full" else 16, device)
+        result["init_model"] = model
     atomic_write_json(out, result)
     return result
 
@@ -170,12 +292,8 @@ def format_table(result: dict) -> str:
                      f"{result['update_peak_mem_mb'][m]:.0f} |")
     lines.append("")
     for k, v in result.items():
-        if k.endswith("_ratio"):
+        if k.endswith("_ratio") or k.endswith("_fraction"):
             lines.append(f"{k:45s} {v:.3f}")
+    for k, v in result.get("init_seconds", {}).items():
+        lines.append(f"init_seconds[{k}] ({result['init_model']}) {v:.3f}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    r = run_perf(["kl_free_lora", "proma", "proma_intra"], 16, 3, "tiny", "auto", Path("/tmp/perf.json"))
-    print(format_table(r))
-    print(json.dumps(r, indent=1)[:2000])
