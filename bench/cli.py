@@ -228,6 +228,10 @@ def submit_to_slurm(args, specs, out: Path) -> int:
             profile[name] = getattr(args, name)
     slurm.load_profile_values(profile)
     states = {r["run_id"]: r["state"] for r in slurm.sweep_status(out)}
+    unknown = [s.run_id for s in specs if states.get(s.run_id) == "unknown"]
+    if unknown:
+        raise BenchError(f"{out}: cannot tell whether {len(unknown)} submitted run(s) are still queued "
+                         f"(e.g. {unknown[0]}): sacct and squeue failed; nothing submitted")
     active = [s.run_id for s in specs if states.get(s.run_id) in ("pending", "running")]
     if active and not args.resume:
         raise BenchError(f"{out}: {len(active)} run(s) already pending or running under SLURM "

@@ -30,7 +30,8 @@ PROFILE_FIELDS = {
     "signal_delay_s": (int, "slurm_signal_delay_s"), "setup": (list, "slurm_setup"),
     "additional_parameters": (dict, "slurm_additional_parameters"),
 }
-DEFAULT_PROFILE = {"timeout_min": 60, "cpus_per_task": 1, "array_parallelism": 64}
+# signal_delay_s: USR2 this long before the time limit, to finish the generation batch and save a checkpoint
+DEFAULT_PROFILE = {"timeout_min": 60, "cpus_per_task": 1, "array_parallelism": 64, "signal_delay_s": 300}
 RECORD = "slurm_jobs.json"
 
 
@@ -149,8 +150,10 @@ def read_record(out: Path) -> dict:
 
 
 # sacct/squeue state -> bench state (for runs whose directory holds no final summary)
-SCHEDULER_STATES = {"PENDING": "pending", "REQUEUED": "pending", "RUNNING": "running", "COMPLETING": "running",
-                    "CONFIGURING": "running", "SUSPENDED": "running", "PREEMPTED": "preempted",
+SCHEDULER_STATES = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
+                    "SPECIAL_EXIT": "pending", "RESV_DEL_HOLD": "pending", "RUNNING": "running",
+                    "COMPLETING": "running", "CONFIGURING": "running", "SUSPENDED": "running", "STOPPED": "running",
+                    "SIGNALING": "running", "STAGE_OUT": "running", "RESIZING": "running", "PREEMPTED": "preempted",
                     "CANCELLED": "failed", "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed",
                     "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed", "COMPLETED": "failed"}
 
@@ -168,10 +171,11 @@ def _expand(job_id: str) -> list[str]:
     return ids
 
 
-def scheduler_states(array_ids: list[str]) -> dict[str, str]:
-    """{job_id: SLURM state} from sacct (accounting), else squeue (queued/running jobs only)."""
+def scheduler_states(array_ids: list[str]) -> tuple[dict[str, str], str | None]:
+    """({job_id: SLURM state}, source): source "sacct" (accounting: every job), "squeue" (queued and running jobs
+    only: a job missing from it has left the queue), or None when SLURM could not be asked."""
     if not array_ids:
-        return {}
+        return {}, None
     states: dict[str, str] = {}
     try:
         out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(array_ids)],
@@ -181,24 +185,27 @@ def scheduler_states(array_ids: list[str]) -> dict[str, str]:
                 job, _, state = line.partition("|")
                 for j in _expand(job.strip()):
                     states[j] = state.split()[0] if state else "UNKNOWN"
-            return states
+            return states, "sacct"
         out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(array_ids)],
                              capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            return {}, None
         for line in out.stdout.splitlines():
             job, _, state = line.partition("|")
             states[job.strip()] = state.strip()
+        return states, "squeue"
     except (OSError, subprocess.SubprocessError):
-        pass
-    return states
+        return {}, None
 
 
 def sweep_status(out: Path) -> list[dict]:
-    """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted), job_id, detail."""
+    """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted, or unknown when
+    SLURM cannot be asked about a run without a final record), job_id, detail."""
     out = Path(out)
     record = read_record(out)
     jobs = record.get("runs", {})
     run_ids = sorted(set(jobs) | {p.parent.name for p in out.glob("*/config.json")})
-    live = scheduler_states(sorted({j.split("_")[0] for j in jobs.values()}))
+    live, source = scheduler_states(sorted({j.split("_")[0] for j in jobs.values()}))
     rows = []
     for run_id in run_ids:
         summary_path = out / run_id / "summary.json"
@@ -211,12 +218,16 @@ def sweep_status(out: Path) -> list[dict]:
             pass  # the run's own record is final
         elif scheduler is not None:
             state = SCHEDULER_STATES.get(scheduler, scheduler.lower())
-            if scheduler == "COMPLETED":
-                detail = "job completed without a summary"
-            elif state in ("failed", "preempted"):
-                detail = f"SLURM state {scheduler}"
+            if state in ("failed", "preempted"):
+                detail = f"SLURM state {scheduler}" + ("" if summary else ", no summary written")
+        elif job and source == "squeue":  # without accounting: not queued any more, and no final record
+            state, detail = "failed", state and f"left the queue as {state}" or "left the queue without a summary"
+        elif job and source is None:
+            state, detail = "unknown", "SLURM could not be asked (sacct/squeue failed)"
+        elif job and state is None:  # sacct can lag a fresh submission by a moment
+            state = "pending"
         elif state is None:
-            state = "pending" if job else "incomplete"
+            state = "incomplete"
         rows.append({"run_id": run_id, "state": state, "job_id": job or "-", "detail": detail})
     return rows
 

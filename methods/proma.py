@@ -60,19 +60,21 @@ def projection(acc: torch.Tensor, g_hat: torch.Tensor, mode: str, ridge: float, 
     if mode == "exact":
         coef = torch.linalg.solve(gram + ridge * torch.eye(len(b), dtype=gram.dtype, device=gram.device), b)
     else:  # a <- a - <a, gh_i> gh_i, i = 1..B, `sweeps` times; tracked as a = acc - sum_j c_j gh_j (Gauss-Seidel)
-        coef = torch.zeros_like(b)
+        b_cpu, gram_cpu = b.double().cpu(), gram.double().cpu()  # B x B: one transfer instead of B^2 tiny kernels
+        coef = torch.zeros_like(b_cpu)
         for _ in range(sweeps):
-            for i in range(len(b)):
-                coef[i] += b[i] - gram[i] @ coef
+            for i in range(len(b_cpu)):
+                coef[i] += b_cpu[i] - gram_cpu[i] @ coef
+        coef = coef.to(g_hat)
     return coef @ g_hat
 
 
-def capped(proj: torch.Tensor, reference_norm: torch.Tensor, cap: float) -> tuple[torch.Tensor, bool]:
-    """proj scaled down to at most cap * reference_norm."""
+def capped(proj: torch.Tensor, reference_norm: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """proj scaled down to at most cap * reference_norm; also whether it was (a 0-dim bool tensor, no device sync)."""
     norm, limit = proj.norm(), cap * reference_norm
-    if norm > limit:
-        return proj * (limit / norm), True
-    return proj, False
+    was_capped = norm > limit
+    scale = torch.where(was_capped, limit / norm.clamp(min=torch.finfo(norm.dtype).tiny), torch.ones_like(norm))
+    return proj * scale, was_capped
 
 
 def top_subspace(m: torch.Tensor, k: int, power_iters: int, oversample: int, generator) -> torch.Tensor:
@@ -134,6 +136,7 @@ class Projector:
         if not self.slots:
             raise BenchError("PROMA found no trainable Linear weights to project")
         self.collecting = False
+        self.calls = 0  # weight-hook invocations that rebuilt a gradient
         self.mask = self.advantages = None
         self.seed = seed
         self._generators: dict = {}
@@ -149,15 +152,17 @@ class Projector:
             h.remove()
 
     def reset_stats(self):
-        self.removed_sq = self.total_sq = 0.0
-        self.n_projected = self.n_capped = 0
+        # device tensors, read once per optimizer step (no host sync inside the backward pass)
+        self.removed_sq = self.total_sq = self.n_capped = 0
+        self.n_projected = 0
 
     def stats(self) -> dict:
-        if not self.total_sq:
+        total = float(self.total_sq)
+        if not total:
             return {}
-        out = {"proma_removed_frac": (self.removed_sq / self.total_sq) ** 0.5}
+        out = {"proma_removed_frac": (float(self.removed_sq) / total) ** 0.5}
         if self.n_projected:
-            out["proma_capped_frac"] = self.n_capped / self.n_projected
+            out["proma_capped_frac"] = float(self.n_capped) / self.n_projected
         return out
 
     def begin(self, attention_mask: torch.Tensor, advantages: torch.Tensor | None):
@@ -184,6 +189,7 @@ class Projector:
                 return None
             x, out_grad = slot.x, slot.out_grad
             slot.x = slot.out_grad = None
+            self.calls += 1
             mask = self.mask[:, -x.shape[1]:].to(x.device)
             weight = slot.module.weight
             if self.intra:
@@ -199,7 +205,6 @@ class Projector:
             self.recorded[slot.name] = g
         acc = weight.grad
         if acc is None:                                                             # first micro-batch
-            self.total_sq += float(policy_grad.square().sum())
             return policy_grad.view_as(weight).to(weight.dtype)
         g_hat = g / (g.norm(dim=1, keepdim=True) + NORM_EPS)                         # gh_i
         flat = acc.detach().flatten().float()
@@ -207,10 +212,10 @@ class Projector:
         proj, was_capped = capped(proj, policy_grad.norm(), p["cap"])               # norm cap
         removal = p["shrinkage"] * proj
         acc.sub_(removal.view_as(acc).to(acc.dtype))                                # acc <- acc - s proj
-        self.removed_sq += float(removal.square().sum())
-        self.total_sq += float(flat.square().sum())
+        self.removed_sq = self.removed_sq + removal.square().sum()
+        self.total_sq = self.total_sq + flat.square().sum()
         self.n_projected += 1
-        self.n_capped += int(was_capped)
+        self.n_capped = self.n_capped + was_capped.int()
         return policy_grad.view_as(weight).to(weight.dtype)                        # autograd adds p_m
 
     def _generator(self, device):
@@ -225,12 +230,12 @@ class Projector:
         d_out, d_in = grad.shape
         k_in, k_out = intra_width(p["k"], d_in), intra_width(p["k"], d_out)
         g32 = grad.float()
-        self.total_sq += float(g32.square().sum())
+        self.total_sq = self.total_sq + g32.square().sum()
         gen = self._generator(x.device)
         q_in = top_subspace(xs, k_in, p["power_iters"], p["oversample"], gen)                       # Q_X
         q_out = top_subspace(gs, k_out, p["power_iters"], p["oversample"], gen)                     # Q_G
         removal = p["shrinkage"] * factored_removal(g32, q_out, q_in)
-        self.removed_sq += float(removal.square().sum())
+        self.removed_sq = self.removed_sq + removal.square().sum()
         return (g32 - removal).to(grad.dtype)                                       # p_m - s Q_G Q_G^T p_m Q_X Q_X^T
 
 
@@ -249,8 +254,37 @@ class _StepStats(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):  # runs before the metrics callback reads step_metrics
         self.trainer.step_metrics.update(self.projector.stats())
 
+    def on_train_end(self, args, state, control, **kw):
+        self.trainer.method_summary["proma_weight_hook_calls"] = self.projector.calls
+
+
+LINEAR_IN_ADVANTAGE = ("grpo", "bnpo", "dr_grpo", "dapo")  # loss types whose gradient is sum_i A_i (...)_i
+
+
+def check_trainer(trainer) -> None:
+    """The advantages-1 trick is exact only when the loss is linear in the advantages, with nothing else added."""
+    a = trainer.args
+    problems = []
+    if a.loss_type not in LINEAR_IN_ADVANTAGE:
+        problems.append(f"loss_type {a.loss_type!r} (supported: {', '.join(LINEAR_IN_ADVANTAGE)})")
+    if trainer.beta != 0.0:
+        problems.append("a KL term (beta > 0)")
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        problems.append("an entropy bonus")
+    for name in ("off_policy_mask_threshold", "delta"):
+        if getattr(a, name, None) is not None:
+            problems.append(f"{name}")
+    if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
+        problems.append("top_entropy_quantile < 1")
+    if getattr(trainer, "aux_loss_enabled", False):
+        problems.append("an auxiliary (MoE) loss")
+    if problems:
+        raise BenchError("PROMA cannot be combined with " + ", ".join(problems))
+
 
 def _install(trainer, params: dict, intra: bool) -> Projector:
+    if not intra:
+        check_trainer(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not hasattr(model, "peft_config"):  # rank full: only Linear weights get a projected gradient
         hooked = {id(m.weight) for m in projected_linears(model).values()}
@@ -262,6 +296,10 @@ def _install(trainer, params: dict, intra: bool) -> Projector:
             trainer.note(f"{len(frozen)} non-Linear tensors (norms, tied embedding) frozen: PROMA projects Linear "
                          "weights only", proma_frozen_tensors=len(frozen))
     projector = Projector(model, params, intra=intra, seed=trainer.args.seed)
+    hooked = {id(s.module.weight) for s in projector.slots}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in hooked]
+    if stray:  # they would silently train on the advantage-free gradient
+        raise BenchError(f"PROMA: trainable tensors outside the hooked Linear weights: {', '.join(stray[:3])}")
     if not intra and trainer.args.gradient_accumulation_steps == 1:
         trainer.note("one micro-batch per optimizer step: nothing to project (PROMA is plain accumulation here)",
                      proma_nothing_to_project=True)

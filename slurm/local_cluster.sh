@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster on localhost from Debian's packages (munge, slurmctld, slurmd, and slurmdbd +
 # MariaDB for accounting, so that jobs killed by SLURM are seen by sacct and submitit). Runs as root, without
-# systemd; safe to re-run. Stops only the daemons named in their own pid files.
+# systemd; safe to re-run. `stop` stops slurmd, slurmctld, slurmdbd, MariaDB and munged (all of which `start`
+# starts), each only through its own pid file (MariaDB through its init script).
 #
 #   bash slurm/local_cluster.sh start    # install if needed, configure, start, wait for an idle node + srun probe
 #   bash slurm/local_cluster.sh status
@@ -64,11 +65,12 @@ install_packages() {
   local own_policy=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && own_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT   # also when the install is interrupted
   fi
   local rc=0
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     > /tmp/local_cluster_apt.log 2>&1 || rc=$?
-  [ $own_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+  if [ $own_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
   [ $rc = 0 ] || { tail -20 /tmp/local_cluster_apt.log >&2; die "apt-get install failed"; }
 }
 
@@ -77,7 +79,7 @@ write_config() {
   node=$(hostname -s)
   getent hosts "$node" >/dev/null || echo "127.0.0.1 $node" >> /etc/hosts
   mem=$(awk '/^MemTotal:/{print int($2 / 1024 * 0.9)}' /proc/meminfo)  # above slurmd's view the node drains
-  hw=$(slurmd -C | head -n1 | sed -E "s/^NodeName=[^ ]+/NodeName=$node/; s/RealMemory=[0-9]+/RealMemory=$mem/")
+  hw=$(slurmd -C | sed -nE "1{s/^NodeName=[^ ]+/NodeName=$node/; s/RealMemory=[0-9]+/RealMemory=$mem/; p}")
   mkdir -p /etc/slurm "$LOGDIR" /var/spool/slurmctld /var/spool/slurmd
   new=$(mktemp)
   {
