@@ -129,7 +129,7 @@ def method_step_ratios(methods: list[str], spec, model_name: str, device: str, r
             _sync()
             t1 = time.perf_counter()
             with PeakMemory(device) as peak:
-                base_rss = peak.peak
+                base = torch.cuda.memory_allocated() if device.startswith("cuda") else peak.peak
                 b.update(batch)
             _sync()
             t2 = time.perf_counter()
@@ -143,7 +143,7 @@ def method_step_ratios(methods: list[str], spec, model_name: str, device: str, r
             times[b.name]["generation"].append(t1 - t0)
             times[b.name]["update"].append(t2 - t1)
             times[b.name]["cycle"].append(t2 - t0)
-            memory[b.name].append((peak.peak - (0 if device.startswith("cuda") else base_rss)) / 2**20)
+            memory[b.name].append((peak.peak - base) / 2**20)  # growth over what was resident before the update
         log(f"  repetition {rep}/{reps}{' (warm-up)' if rep == 0 else ''} done")
     medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
     base = methods[0]

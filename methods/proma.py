@@ -26,6 +26,7 @@ output gradients, applied independently within each micro-batch") and the author
 eig_iters 1, shrinkage 1, a randomized SVD + QR per Linear). Per Linear and micro-batch, with X, G all its
 (unpadded) tokens' activations and output gradients of the ordinary loss:
   Q_X = top-k right singular subspace of X,  Q_G = top-k right singular subspace of G   # randomized range finder
+                                                        # (exact eigh of the d x d Gram up to d = 512: cheaper)
   p_m <- p_m - s * Q_G (Q_G^T p_m Q_X) Q_X^T                                           # remove span(Q_G) x span(Q_X)
   acc <- acc + p_m                                                                       # ordinary accumulation
 k per side is min(k, max(1, dim // 10)) (our choice: k = 100 is the author's GSM8K value for Qwen3-0.6B full
@@ -77,13 +78,16 @@ def capped(proj: torch.Tensor, reference_norm: torch.Tensor, cap: float) -> tupl
     return proj * scale, was_capped
 
 
+EXACT_MAX_DIM = 512  # up to this width the d x d Gram + eigh is exact and cheaper than the sketch
+
+
 def top_subspace(m: torch.Tensor, k: int, power_iters: int, oversample: int, generator) -> torch.Tensor:
     """An orthonormal basis [d, k] of the top-k right singular subspace of m [T, d]: randomized range finder
-    (Gaussian sketch of m^T m, `power_iters` power iterations with QR, then a small SVD); exact eigh when the
-    sketch would be as wide as d."""
+    (Gaussian sketch of m^T m, `power_iters` power iterations with QR, then a small SVD) for wide m; the exact
+    eigenvectors of m^T m when d <= EXACT_MAX_DIM or the sketch would be as wide as d."""
     d = m.shape[1]
     width = k + oversample
-    if width >= d:
+    if width >= d or d <= EXACT_MAX_DIM:
         _, vecs = torch.linalg.eigh(m.T @ m)
         return vecs[:, -k:]
     omega = torch.randn(d, width, generator=generator, device=m.device, dtype=m.dtype)
@@ -167,6 +171,7 @@ class Projector:
 
     def begin(self, attention_mask: torch.Tensor, advantages: torch.Tensor | None):
         self.mask, self.advantages = attention_mask, advantages
+        self._subspaces = {}  # intra: q/k/v (and gate/up) share one input tensor, so one Q_X per micro-batch
         for slot in self.slots:
             slot.x = slot.out_grad = None
 
@@ -225,16 +230,18 @@ class Projector:
 
     def _intra(self, slot, grad, x, out_grad, mask):
         p = self.params
-        keep = mask.bool()
-        xs, gs = x[keep].float(), out_grad[keep].float()                          # tokens of the micro-batch
+        keep = mask.bool()                                                        # the micro-batch's real tokens
         d_out, d_in = grad.shape
         k_in, k_out = intra_width(p["k"], d_in), intra_width(p["k"], d_out)
-        g32 = grad.float()
-        self.total_sq = self.total_sq + g32.square().sum()
         gen = self._generator(x.device)
-        q_in = top_subspace(xs, k_in, p["power_iters"], p["oversample"], gen)                       # Q_X
-        q_out = top_subspace(gs, k_out, p["power_iters"], p["oversample"], gen)                     # Q_G
+        key = (x.data_ptr(), tuple(x.shape), k_in)
+        if key not in self._subspaces:
+            self._subspaces[key] = top_subspace(x[keep].float(), k_in, p["power_iters"], p["oversample"], gen)
+        q_in = self._subspaces[key]                                                                  # Q_X
+        q_out = top_subspace(out_grad[keep].float(), k_out, p["power_iters"], p["oversample"], gen)  # Q_G
+        g32 = grad.float()
         removal = p["shrinkage"] * factored_removal(g32, q_out, q_in)
+        self.total_sq = self.total_sq + g32.square().sum()
         self.removed_sq = self.removed_sq + removal.square().sum()
         return (g32 - removal).to(grad.dtype)                                       # p_m - s Q_G Q_G^T p_m Q_X Q_X^T
 

@@ -1,7 +1,5 @@
 """PROMA against independent computations: per-sequence autograd gradients (one backward per sequence), an explicit
 least-squares projection, an explicit SVD; then end-to-end runs through TRL."""
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -192,7 +190,9 @@ def test_norm_cap():
     assert not was and torch.equal(out, proj)
 
 
-def test_randomized_top_subspace_matches_svd_with_a_gap():
+def test_randomized_top_subspace_matches_svd_with_a_gap(monkeypatch):
+    import methods.proma
+    monkeypatch.setattr(methods.proma, "EXACT_MAX_DIM", 0)  # the randomized range finder, not the exact eigh
     g = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(500, 40, generator=g))
     v, _ = torch.linalg.qr(torch.randn(90, 40, generator=g))
@@ -275,17 +275,3 @@ def test_short_runs_write_all_metrics(tmp_path, tiny, method, rank):
         assert s["trainable_params"] == linear < sum(p.numel() for p in model.parameters())
         assert s["proma_frozen_tensors"] > 0 and "frozen" in s["notes"][0]
 
-
-def test_perf_compares_methods_on_identical_tokens(tmp_path, tiny):
-    """`bench perf` (not a timing assertion): it runs, every method saw the same completions, it writes the keys."""
-    from bench.perf import run_perf
-    out = tmp_path / "perf.json"
-    result = run_perf(["kl_free_lora", "proma", "proma_intra"], 4, 1, "tiny", "cpu", out, log=lambda *_: None,
-                      full=False)
-    saved = json.loads(out.read_text())
-    assert saved["proma_vs_kl_free_step_ratio"] == result["proma_vs_kl_free_step_ratio"] > 0
-    for key in ("proma_intra_vs_kl_free_step_ratio", "proma_vs_kl_free_update_ratio", "machine", "versions"):
-        assert key in saved, key
-    for m in ("kl_free_lora", "proma", "proma_intra"):
-        t = saved["medians_s"][m]
-        assert t["cycle"] == pytest.approx(t["generation"] + t["update"], rel=1e-6)
