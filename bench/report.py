@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.io import atomic_write_bytes, atomic_write_text
+from bench.spec import stored_key
 from bench.sweep import SUMMARY_COLUMNS, _rank_order, markdown_tables
 
 # leaderboard CSV columns (stable; documented in README)
@@ -39,15 +40,6 @@ def _read_json(path: Path, problems: list):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         problems.append(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        return None
-
-
-def _spec_key(config) -> str | None:
-    """The run's configuration with today's defaults filled in (older runs lack newer fields)."""
-    from bench.spec import RunSpec
-    try:
-        return RunSpec.from_dict(config["spec"]).key()
-    except Exception:  # noqa: BLE001  (a config this version cannot read is simply not deduplicated)
         return None
 
 
@@ -76,7 +68,7 @@ def load_sweep(*dirs: Path) -> Sweep:
             row["sweep"] = str(d)
             row["key"] = f"{d}/{run.name}"
             config = _read_json(run / "config.json", problems) if (run / "config.json").exists() else None
-            spec_key = _spec_key(config)
+            spec_key = stored_key(config) if isinstance(config, dict) else None
             if spec_key and spec_key in seen:  # the same run configuration in two merged sweeps: count it once
                 notes.append(f"{run}: same configuration as {seen[spec_key]}; counted once")
                 continue

@@ -20,7 +20,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from bench.errors import BenchError
 from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
-from bench.spec import RunSpec
+from bench.spec import RunSpec, stored_key
 
 DONE = ("ok", "diverged")  # finished states; a `failed` run is retried when the sweep is re-run
 
@@ -203,19 +203,11 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def _stored_key(config: dict) -> str | None:
-    """The stored run's key under today's RunSpec (fields added since then take their defaults)."""
-    try:
-        return RunSpec.from_dict(config["spec"]).key()
-    except (KeyError, TypeError, BenchError):
-        return config.get("spec_key")
-
-
 def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1) -> dict:
     """Run (or skip, or resume) one run; always leaves a summary.json with its status."""
     run_dir = Path(run_dir)
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
-    if config_path.is_file() and _stored_key(read_json(config_path)) != spec.key():
+    if config_path.is_file() and stored_key(read_json(config_path)) != spec.key():
         raise BenchError(f"{run_dir} holds run {spec.run_id} with a different configuration; use another --out")
     if summary_path.is_file():
         old = read_json(summary_path)

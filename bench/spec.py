@@ -112,3 +112,12 @@ class RunSpec:
     def from_dict(cls, d: dict) -> "RunSpec":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def stored_key(config: dict) -> str | None:
+    """The key of a run recorded in config.json, under today's RunSpec (fields added since take their defaults),
+    so that older run directories still match the same configuration."""
+    try:
+        return RunSpec.from_dict(config["spec"]).key()
+    except (KeyError, TypeError, BenchError):
+        return config.get("spec_key")
