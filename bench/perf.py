@@ -179,7 +179,8 @@ def generation_vs_generate(spec, model_name: str, device: str, reps: int, log=pr
                 with torch.no_grad():
                     ids = b.policy.generate(**enc, do_sample=True, temperature=spec.temperature, top_k=0, top_p=1.0,
                                             max_new_tokens=spec.max_completion_length,
-                                            pad_token_id=b.tokenizer.pad_token_id, eos_token_id=b.tokenizer.eos_token_id)
+                                            pad_token_id=b.tokenizer.pad_token_id,
+                                            eos_token_id=b.tokenizer.eos_token_id)
                 comp = ids[:, enc["input_ids"].shape[1]:]
                 from bench.metrics import completion_mask
                 n = int(completion_mask(comp, b.tokenizer.eos_token_id).sum())
@@ -190,7 +191,8 @@ def generation_vs_generate(spec, model_name: str, device: str, reps: int, log=pr
     rate = {s: statistics.median(n / t for n, t in zip(tokens[s], times[s])) for s in times}
     log("  generation vs generate done")
     return {"generation_vs_generate_ratio": rate["harness"] / rate["generate"],
-            "generation_tokens_per_s": rate, "generation_medians_s": {s: statistics.median(t) for s, t in times.items()}}
+            "generation_tokens_per_s": rate,
+            "generation_medians_s": {s: statistics.median(t) for s, t in times.items()}}
 
 
 def metric_overhead(spec, model_name: str, device: str, reps: int, log=print) -> dict:

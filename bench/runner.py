@@ -218,7 +218,8 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
     method = get_method(spec.method)
     atomic_write_json(config_path, {
         "spec": spec.to_dict(), "spec_key": spec.key(), "run_id": spec.run_id,
-        "method": {"name": method.name, "summary": method.summary, "cite": method.cite, "beta": method.resolved_beta(spec.method_params),
+        "method": {"name": method.name, "summary": method.summary, "cite": method.cite,
+                   "beta": method.resolved_beta(spec.method_params),
                    "init_lora_weights": str(method.resolved_init(spec.method_params)),
                    "params": method.resolve_params(spec.method_params),
                    "grpo_overrides": method.grpo_overrides},
