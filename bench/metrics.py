@@ -70,6 +70,12 @@ class InitialPolicy:
     def trainable(self):
         return [p for p, _ in self.saved]
 
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the initial values back for good (e.g. to repeat a measurement from the same start)."""
+        for p, initial in self.saved:
+            p.copy_(initial)
+
     @contextmanager
     def active(self):
         current = [p.detach().clone() for p, _ in self.saved]

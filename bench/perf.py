@@ -43,6 +43,7 @@ class MethodBench:
         from datasets import Dataset
 
         from bench.engine import BenchGRPOTrainer, grpo_config
+        from bench.metrics import InitialPolicy
         from bench.models import load_policy, uses_chat_template
         from bench.policy import build_policy
         from methods import get_method
@@ -52,7 +53,7 @@ class MethodBench:
         method = get_method(method_name)
         params = method.resolve_params(spec.method_params)
         model, self.tokenizer = load_policy(model_name, device=device, progress=False, attn=attn)
-        self.policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params)
+        self.policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
         to_prompt = chat_prompt if uses_chat_template(self.tokenizer) else plain_prompt
         self.rows = [{"prompt": to_prompt(r["question"]), "gold": r["gold"]} for r in rows]
         funcs, weights = RewardConfig(**spec.reward).funcs_and_weights()
@@ -65,14 +66,11 @@ class MethodBench:
                                         processing_class=self.tokenizer)
         for hook in method.trainer_hooks:
             hook(self.trainer, params)
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.initial = [p.detach().clone() for p in self.params]
+        self.initial = InitialPolicy(self.policy)  # after the hooks: PROMA may freeze tensors at rank full
         self.spec, self.device = spec, device
 
     def reset(self):
-        with torch.no_grad():
-            for p, v in zip(self.params, self.initial):
-                p.copy_(v)
+        self.initial.restore()
         self.trainer.optimizer = None
         self.trainer.create_optimizer()
 
@@ -92,7 +90,7 @@ class MethodBench:
             for mb in micro[step * ga:(step + 1) * ga]:
                 loss = t.compute_loss(self.policy, mb)
                 t.accelerator.backward(loss)
-            torch.nn.utils.clip_grad_norm_(self.params, t.args.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.initial.trainable(), t.args.max_grad_norm)
             t.optimizer.step()
             self.policy.zero_grad(set_to_none=True)
 
@@ -198,14 +196,14 @@ def generation_vs_generate(spec, model_name: str, device: str, reps: int, log=pr
 def metric_overhead(spec, model_name: str, device: str, reps: int, log=print) -> dict:
     """The harness's metrics at the default cadence (kl_step on every step; the probe set every probe_every steps)
     as a fraction of a training step, measured on the same policy and rollouts."""
-    from bench.metrics import InitialPolicy, ProbeSet, RolloutBatch, StepKL
+    from bench.metrics import ProbeSet, RolloutBatch, StepKL
     from bench.models import uses_chat_template
     from tasks import chat_prompt, get_task, plain_prompt
     b = MethodBench("kl_free_lora", spec, model_name, device, _rows(spec))
     to_prompt = chat_prompt if uses_chat_template(b.tokenizer) else plain_prompt
     probe = ProbeSet([to_prompt(e.question) for e in get_task(spec.task, **spec.task_params).examples("eval")
                       [:spec.probe_size]], spec.max_completion_length, seed=spec.seed)
-    reference, step_kl = InitialPolicy(b.policy), StepKL(spec.kl_step_seqs)
+    reference, step_kl = b.initial, StepKL(spec.kl_step_seqs)
     cycles, kls, probes = [], [], []
     for rep in range(reps + 1):
         b.reset()

@@ -65,6 +65,7 @@ def load_sweep(*dirs: Path) -> Sweep:
                 continue
             row = {c: s.get(c) for c in SUMMARY_COLUMNS}
             row["rank"] = str(row["rank"])
+            row["eval_n"] = s.get("eval_n")
             row["sweep"] = str(d)
             row["key"] = f"{d}/{run.name}"
             config = _read_json(run / "config.json", problems) if (run / "config.json").exists() else None
@@ -83,10 +84,10 @@ def load_sweep(*dirs: Path) -> Sweep:
                                           (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
                 except ValueError as e:
                     problems.append(f"{run / 'metrics.jsonl'}: unreadable ({str(e)[:120]})")
-    runs = pd.DataFrame(rows, columns=[*SUMMARY_COLUMNS, "sweep", "key"])
+    runs = pd.DataFrame(rows, columns=[*SUMMARY_COLUMNS, "eval_n", "sweep", "key"])
     for c in ("accuracy", "accuracy_base", "accuracy_gain", "kl_ref", "kl_step", "entropy", "entropy_base",
               "wall_clock_s", "trainable_params", "peak_mem_mb", "seed", "time_generation_s", "time_reference_s",
-              "time_policy_s", "time_other_s", "reward"):
+              "time_policy_s", "time_other_s", "reward", "eval_n"):
         runs[c] = pd.to_numeric(runs[c], errors="coerce")
     return Sweep(runs, curves, configs, problems, notes)
 
@@ -254,19 +255,9 @@ def _median_ratio(pairs) -> float:
 
 
 def _eval_items(sweep: Sweep) -> int:
-    for config in sweep.configs.values():
-        spec = config.get("spec", {})
-        if spec.get("eval_size"):
-            return int(spec["eval_size"])
-    for key in sweep.runs.key:
-        summary = Path(key) / "summary.json"
-        try:
-            n = json.loads(summary.read_text()).get("eval_n")
-        except (OSError, ValueError):
-            n = None
-        if n:
-            return int(n)
-    return 0
+    """Eval items per run (summary.json's eval_n, read with the runs)."""
+    n = sweep.runs["eval_n"].max()
+    return int(n) if pd.notna(n) else 0
 
 
 def claims_markdown(claims: list[Claim]) -> str:
