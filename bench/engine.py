@@ -1,14 +1,19 @@
 """The engine: TRL's GRPOTrainer (pinned 1.16.0), subclassed narrowly to time phases and expose rollouts.
 
-Overrides only observe: `_generate` (generation time, tokens), `_get_per_token_logps_and_entropies` (reference
-vs policy forward time), `_prepare_inputs` (the step's rollouts for kl_step) and `training_step` (policy
-forward+backward time; the pre-step capture for kl_step). The loss, the sampler and the optimizer are TRL's.
+Overrides observe: `_generate` (generation time, tokens), `_get_per_token_logps_and_entropies` (reference vs
+policy forward time), `_prepare_inputs` (the step's rollouts for kl_step) and `training_step` (policy
+forward+backward time; kl_step's pre-step distribution, read from the training forward's final hidden states).
+Two save work without changing what TRL computes: each micro-batch drops its all-padding columns (TRL pads a whole
+generation batch to its longest completion), and the "old" log-prob forward, which TRL runs over a whole
+generation batch, runs only for the micro-batches of later optimizer steps: those of the first step are scored by
+the very parameters that sampled them, where TRL's loss uses the current log-probs (ratio 1).
+The loss, the sampler and the optimizer are TRL's.
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
@@ -43,11 +48,59 @@ def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat
         save_strategy="steps", save_steps=spec.checkpoint_every, save_total_limit=1,
         reward_weights=reward_weights,
     )
+    if spec.generation_backend == "vllm":  # TRL's colocated vLLM; its importance-sampling correction stays on
+        kwargs.update(use_vllm=True, vllm_mode="colocate")
     if chat:
         kwargs["chat_template_kwargs"] = {"enable_thinking": False}
     kwargs.update(spec.grpo)              # a preset's or user's extra TRL settings (checked in bench.spec)
     kwargs.update(method.grpo_overrides)  # what defines the method wins (e.g. PROMA's epsilon)
     return GRPOConfig(**kwargs)
+
+
+def make_trainer(spec, method, params: dict, policy, tokenizer, dataset, output_dir: str, chat: bool, device: str,
+                 trainer_cls=None, log_path=None, **kwargs):
+    """The run's trainer: TRL's GRPOTrainer (or `trainer_cls`) on the spec's GRPOConfig, the task's reward, and the
+    method's trainer hooks applied. Used by the runner and by `bench perf`, so both time the same object."""
+    from transformers import PrinterCallback
+
+    from tasks import RewardConfig
+    funcs, weights = RewardConfig(**spec.reward).funcs_and_weights()
+    args = grpo_config(spec, method, output_dir, weights, chat=chat, use_cpu=device == "cpu")
+    if (trainer_cls or BenchGRPOTrainer) is BenchGRPOTrainer:
+        kwargs.setdefault("step_kl", StepKL(spec.kl_step_seqs))
+    trainer = (trainer_cls or BenchGRPOTrainer)(model=policy, reward_funcs=funcs, args=args, train_dataset=dataset,
+                                                 processing_class=tokenizer, **kwargs)
+    trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict
+    if isinstance(trainer, BenchGRPOTrainer):  # before the hooks: a method's note() goes to run.log
+        trainer.log_path, trainer.run_id = log_path, spec.run_id
+    for hook in method.trainer_hooks:
+        hook(trainer, params)
+    return trainer
+
+
+# Per-completion-token tensors of a TRL micro-batch (text models); trim_padding cuts them with completion_ids.
+COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps",
+                      "sampling_per_token_logps", "importance_sampling_ratio", "tool_mask")
+
+
+def trim_padding(mb: dict) -> None:
+    """Drop the columns that are padding in every row of a micro-batch, in place: prompt columns left of its
+    longest prompt, completion columns right of its longest completion. TRL pads a whole generation batch to its
+    longest completion; every loss and metric masks padding, so the result is the same with less compute. Left
+    alone when the micro-batch holds a tensor of unknown alignment (e.g. a multimodal model's)."""
+    completion_w = mb["completion_ids"].shape[1]
+    known = {"prompt_ids", "prompt_mask", *COMPLETION_ALIGNED}
+    if any(torch.is_tensor(v) and v.dim() >= 2 and k not in known for k, v in mb.items()):
+        return
+    keep_from = int(mb["prompt_mask"].any(0).long().argmax())  # the first column some prompt uses
+    used = mb["completion_mask"].any(0).nonzero()
+    keep_to = int(used[-1]) + 1 if len(used) else 1
+    for k in ("prompt_ids", "prompt_mask"):
+        mb[k] = mb[k][:, keep_from:]
+    for k in COMPLETION_ALIGNED:
+        v = mb.get(k)
+        if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == completion_w:
+            mb[k] = v[:, :keep_to]
 
 
 class BenchGRPOTrainer(GRPOTrainer):
@@ -58,6 +111,8 @@ class BenchGRPOTrainer(GRPOTrainer):
         self.step_metrics: dict = {}
         self._prep_seconds = 0.0
         self._step_first_batch = None
+        self._skip_old_logps = False    # set while TRL generates: its old-log-prob forward is done per micro-batch
+        self._hidden = None             # final hidden states of the step's first micro-batch (kl_step "before")
         self.method_summary: dict = {}  # what a method's hooks report into summary.json (see note())
         self.log_path = None            # the run's run.log
         self.run_id = "run"
@@ -86,7 +141,9 @@ class BenchGRPOTrainer(GRPOTrainer):
             self.phase_seconds[phase] += time.perf_counter() - t0
 
     def _generate(self, prompts):
-        with self.timed("generation"), merged_adapters(self.accelerator.unwrap_model(self.model)):
+        # vLLM gets the weights through TRL's own adapter merge: folding the adapters in here would add them twice
+        fold = nullcontext() if self.use_vllm else merged_adapters(self.accelerator.unwrap_model(self.model))
+        with self.timed("generation"), fold:
             out = super()._generate(prompts)
         self.generated_tokens += sum(len(ids) for ids in out[1])  # completion_ids_list
         return out
@@ -100,25 +157,82 @@ class BenchGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         if torch.is_grad_enabled():  # the training forward: timed as part of training_step
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        with self.timed("reference" if self._is_reference_forward(model) else "policy"):
+        reference = self._is_reference_forward(model)
+        if self._skip_old_logps and not reference:  # TRL's old-log-prob forward (the first policy one): deferred
+            self._skip_old_logps = False
+            return None, None, None
+        with self.timed("reference" if reference else "policy"):
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    def _defers_old_logps(self) -> bool:
+        """Where TRL would score a whole generation batch for its old log-probs (generation spans several optimizer
+        steps, one pass over each rollout, no vLLM correction) and the per-micro-batch rule is the same thing."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return (self.num_iterations == 1 and not self.use_vllm
+                and self.args.gradient_accumulation_steps % generate_every != 0)
 
     def _prepare_inputs(self, generation_batch):
         t0 = time.perf_counter()
-        inputs = super()._prepare_inputs(generation_batch)
+        if not self.model.training:
+            inputs = super()._prepare_inputs(generation_batch)
+        else:
+            buffer = self._buffered_inputs
+            self._skip_old_logps = self._defers_old_logps()
+            try:
+                inputs = super()._prepare_inputs(generation_batch)  # TRL's: generates when the buffer is spent
+            finally:
+                self._skip_old_logps = False
+            if self._buffered_inputs is not buffer:  # a new generation batch
+                for mb in self._buffered_inputs:
+                    trim_padding(mb)
+                if self._defers_old_logps():
+                    self._score_old_logps()
         self._prep_seconds += time.perf_counter() - t0
         if self.model.training and self._step_first_batch is None:
             self._step_first_batch = inputs
         return inputs
 
+    @torch.no_grad()
+    def _score_old_logps(self) -> None:
+        """Old log-probs for the micro-batches that later optimizer steps will use (parameters unchanged since
+        sampling, as TRL's own pass): those of the current step keep TRL's default, the current log-probs."""
+        # the Trainer's count for this step (smaller for an epoch's last, partial accumulation): never too large
+        ga = min(getattr(self, "current_gradient_accumulation_steps", 1), self.args.gradient_accumulation_steps)
+        first_later = ((self._step % self.args.steps_per_generation) // ga + 1) * ga
+        for mb in self._buffered_inputs[first_later:]:
+            ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], dim=1)
+            mask = torch.cat([mb["prompt_mask"], mb["completion_mask"]], dim=1)
+            mb["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
+                self.model, ids, mask, mb["completion_ids"].size(1), batch_size=self.args.per_device_train_batch_size)
+
+    def _final_hidden_hook(self, model):
+        """A hook that keeps the backbone's final hidden states of this forward (no copy, no gradient)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        backbone = base.get_decoder()
+
+        def keep(module, args, output):
+            if self._hidden is None:  # the training forward's (a method's own extra forward would come later)
+                hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+                self._hidden = hidden[:self.step_kl.max_seqs].detach()
+        return backbone.register_forward_hook(keep)
+
     def training_step(self, model, inputs, num_items_in_batch):
         t0, prep0 = time.perf_counter(), self._prep_seconds
-        loss = super().training_step(model, inputs, num_items_in_batch)  # TRL's: increments self._step
+        hook = None
+        if inputs is self._step_first_batch and self.step_kl.reads_hidden(model):
+            self._hidden = None
+            hook = self._final_hidden_hook(model)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)  # TRL's: increments self._step
+        finally:
+            if hook is not None:
+                hook.remove()
         self.phase_seconds["policy"] += (time.perf_counter() - t0) - (self._prep_seconds - prep0)
         if self._step % self.current_gradient_accumulation_steps == 0 and self._step_first_batch is not None:
             b = self._step_first_batch  # parameters are still those before the optimizer step
+            batch = RolloutBatch(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
             with self.timed("metrics"):
-                self.step_metrics.update(self.step_kl.capture_before(model, RolloutBatch(
-                    b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])))
-            self._step_first_batch = None
+                self.step_metrics.update(self.step_kl.capture_before(model, batch, hidden=self._hidden))
+            self._step_first_batch = self._hidden = None
         return loss

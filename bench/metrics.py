@@ -155,10 +155,31 @@ class StepKL:
         self.batch: RolloutBatch | None = None
         self.before: torch.Tensor | None = None
 
+    # Config fields that rescale logits after the LM head; where one is set, the head alone is not the policy.
+    LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                        "logits_scaling")
+
+    def reads_hidden(self, model) -> bool:
+        """Whether the pre-step distribution can come from the training forward's final hidden states: the LM head
+        alone maps them to the logits, and no dropout is active (the training forward runs in train mode)."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if any(getattr(config, name, None) is not None for name in self.LOGIT_TRANSFORMS):
+            return False
+        return not any(isinstance(m, torch.nn.Dropout) and m.training and m.p > 0 for m in model.modules())
+
     @torch.no_grad()
-    def capture_before(self, model, batch: RolloutBatch) -> dict:
+    def capture_before(self, model, batch: RolloutBatch, hidden: torch.Tensor | None = None) -> dict:
+        """The policy's distribution on the step's first rollouts before the optimizer step. `hidden`: the final
+        hidden states the training forward computed for those rollouts (same parameters, same tokens; positions
+        counted from the pad instead of the first token, which rotary attention does not see), saving a forward."""
         self.batch = batch.head(self.max_seqs)
-        self.before = self.batch.logprobs(model)
+        n, width = self.batch.prompt_ids.shape[0], self.batch.prompt_ids.shape[1] + self.batch.completion_ids.shape[1]
+        if hidden is not None and hidden.shape[0] >= n and hidden.shape[1] == width:
+            start = self.batch.prompt_ids.shape[1] - 1
+            logits = model.get_output_embeddings()(hidden[:n, start:-1])
+            self.before = F.log_softmax(logits.float(), dim=-1)
+        else:
+            self.before = self.batch.logprobs(model)
         mask = self.batch.completion_mask.to(self.before.dtype)
         return {"entropy": entropy_sum(self.before, mask) / max(1, int(mask.sum()))}
 

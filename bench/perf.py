@@ -42,12 +42,14 @@ class MethodBench:
                  trainer_cls=None, label: str | None = None):
         from datasets import Dataset
 
-        from bench.engine import BenchGRPOTrainer, grpo_config
+        import tempfile
+
+        from bench.engine import make_trainer
         from bench.metrics import InitialPolicy
         from bench.models import load_policy, uses_chat_template
         from bench.policy import build_policy
         from methods import get_method
-        from tasks import RewardConfig, chat_prompt, plain_prompt
+        from tasks import chat_prompt, plain_prompt
 
         self.name = label or method_name
         method = get_method(method_name)
@@ -56,16 +58,10 @@ class MethodBench:
         self.policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
         to_prompt = chat_prompt if uses_chat_template(self.tokenizer) else plain_prompt
         self.rows = [{"prompt": to_prompt(r["question"]), "gold": r["gold"]} for r in rows]
-        funcs, weights = RewardConfig(**spec.reward).funcs_and_weights()
-        import tempfile
         self.tmp = tempfile.TemporaryDirectory()
-        args = grpo_config(spec, method, self.tmp.name, weights, chat=to_prompt is chat_prompt,
-                           use_cpu=device == "cpu")
-        self.trainer = (trainer_cls or BenchGRPOTrainer)(model=self.policy, reward_funcs=funcs, args=args,
-                                        train_dataset=Dataset.from_list(self.rows[:1]),
-                                        processing_class=self.tokenizer)
-        for hook in method.trainer_hooks:
-            hook(self.trainer, params)
+        self.trainer = make_trainer(spec, method, params, self.policy, self.tokenizer, Dataset.from_list(self.rows[:1]),
+                                    self.tmp.name, chat=to_prompt is chat_prompt, device=device,
+                                    trainer_cls=trainer_cls)
         self.initial = InitialPolicy(self.policy)  # after the hooks: PROMA may freeze tensors at rank full
         self.spec, self.device = spec, device
 
@@ -74,25 +70,41 @@ class MethodBench:
         self.trainer.optimizer = None
         self.trainer.create_optimizer()
 
-    def generation_batch(self, seed: int) -> dict:
+    def generation_batch(self, seed: int) -> list[dict]:
+        """One generation batch through the trainer's own `_prepare_inputs` (generation, scoring, old log-probs,
+        shuffle, split): its micro-batches, in the order the Trainer's loop uses them."""
         from transformers import set_seed
         set_seed(seed)
         self.policy.train()
-        return self.trainer._generate_and_score_completions(self.rows)
+        t = self.trainer
+        t._step, t._buffered_inputs = 0, None
+        t.current_gradient_accumulation_steps = self.spec.grad_accum
+        t._prepare_inputs(self.rows)
+        return list(t._buffered_inputs)
 
-    def update(self, batch: dict) -> None:
-        """Two optimizer steps on the generation batch, as the Trainer's loop does them."""
-        from trl.trainer.utils import split_tensor_dict
+    def update(self, micro: list[dict], keep_hidden: bool = False) -> None:
+        """Two optimizer steps on the generation batch's micro-batches, as the Trainer's loop does them.
+        keep_hidden: keep the first micro-batch's final hidden states, as the harness does for kl_step."""
         t, ga = self.trainer, self.spec.grad_accum
         t.current_gradient_accumulation_steps = ga
-        micro = split_tensor_dict(batch, 2 * ga)
         for step in range(2):
-            for mb in micro[step * ga:(step + 1) * ga]:
+            for i, mb in enumerate(micro[step * ga:(step + 1) * ga]):
+                hook = None
+                if keep_hidden and step == 0 and i == 0:
+                    t._hidden = None
+                    hook = t._final_hidden_hook(self.policy)
                 loss = t.compute_loss(self.policy, mb)
+                if hook is not None:
+                    hook.remove()
                 t.accelerator.backward(loss)
             torch.nn.utils.clip_grad_norm_(self.initial.trainable(), t.args.max_grad_norm)
             t.optimizer.step()
             self.policy.zero_grad(set_to_none=True)
+
+
+def _padded(ids: torch.Tensor, pad: int, width: int) -> torch.Tensor:
+    """Completion ids right-padded to `width` (micro-batches may be trimmed to their own longest completion)."""
+    return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad)
 
 
 def _sync():
@@ -131,7 +143,8 @@ def method_step_ratios(methods: list[str], spec, model_name: str, device: str, r
                 b.update(batch)
             _sync()
             t2 = time.perf_counter()
-            tokens = batch["completion_ids"]
+            tokens = torch.cat([_padded(mb["completion_ids"], b.tokenizer.pad_token_id, spec.max_completion_length)
+                                for mb in batch])
             if rep == 1 and reference_tokens is None:
                 reference_tokens = tokens
             if check_tokens and rep == 1 and not torch.equal(tokens, reference_tokens):
@@ -146,7 +159,7 @@ def method_step_ratios(methods: list[str], spec, model_name: str, device: str, r
     medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
     base = methods[0]
     out = {"medians_s": medians, "update_peak_mem_mb": {m: max(v) for m, v in memory.items()},
-           "completion_tokens_per_cycle": int(batch["completion_mask"].sum())}
+           "completion_tokens_per_cycle": sum(int(mb["completion_mask"].sum()) for mb in batch)}
     for m in methods[1:]:
         out[f"{_short(m)}_vs_{_short(base)}_step_ratio"] = medians[m]["cycle"] / medians[base]["cycle"]
         out[f"{_short(m)}_vs_{_short(base)}_update_ratio"] = medians[m]["update"] / medians[base]["update"]
@@ -209,11 +222,12 @@ def metric_overhead(spec, model_name: str, device: str, reps: int, log=print) ->
         b.reset()
         t0 = time.perf_counter()
         batch = b.generation_batch(rep)
-        b.update(batch)
+        b.update(batch, keep_hidden=step_kl.reads_hidden(b.policy))
         t1 = time.perf_counter()
-        rollout = RolloutBatch(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-                               batch["completion_mask"])
-        step_kl.capture_before(b.policy, rollout)
+        first = batch[0]  # kl_step reads the step's first micro-batch
+        rollout = RolloutBatch(first["prompt_ids"], first["prompt_mask"], first["completion_ids"],
+                               first["completion_mask"])
+        step_kl.capture_before(b.policy, rollout, hidden=b.trainer._hidden)  # as the harness: no extra forward
         step_kl.after_step(b.policy)
         t2 = time.perf_counter()
         probe.measure(b.policy, b.tokenizer, reference)
