@@ -199,15 +199,31 @@ def cmd_run(args) -> int:
     out = Path(options["out"] or Path("results") / f"{options['task']}-{Path(options['model']).name}")
     check_writable(out)
     check_ranks_against_model(options["model"], [s.rank for s in specs])
+    from bench.runner import resolve_device
+    if any(s.generation_backend == "vllm" and resolve_device(s.device) != "cuda" for s in specs):
+        raise BenchError("generation_backend vllm needs a CUDA device (--device cuda or auto on a GPU machine)")
     if args.executor == "slurm":
         return submit_to_slurm(args, specs, out)
     if args.executor != "local":
         raise BenchError(f"unknown --executor {args.executor!r}; valid: local, slurm")
-    df = run_sweep(specs, out, progress=not args.no_progress)
+    df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
     counts = df.status.value_counts().to_dict()
     print(f"{len(df)} runs in {out}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     print(f"tables: {out / 'tables.md'}  summary: {out / 'summary.csv'}")
     return 1 if counts.get("failed") else 0
+
+
+def parse_jobs(value: str, specs) -> int:
+    from bench.sweep import auto_jobs
+    if str(value).strip().lower() == "auto":
+        return auto_jobs(specs)
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise BenchError(f"bad --jobs {value!r}: a positive integer or 'auto'")
+    return jobs
 
 
 SLURM_FLAGS = ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "array_parallelism")
@@ -441,7 +457,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--final-eval", dest="final_eval", choices=["none", "lm-eval"],
                    help="lm-eval: also evaluate each trained policy with lm-eval (into summary.json)")
-    s.add_argument("--executor", default="local", help="local (in this process, default) or slurm (one job array)")
+    s.add_argument("--executor", default="local", help="local (this machine, default) or slurm (one job array)")
+    s.add_argument("--jobs", default="auto",
+                   help="local: runs at a time, each in a worker process with cores/jobs torch threads; 'auto' "
+                        "(default): one per core on CPU for models under 50M parameters, else 1")
     s.add_argument("--profile", help="SLURM profile: a name in slurm/ (e.g. local, gpu-example) or a YAML path")
     s.add_argument("--partition", help="SLURM partition")
     s.add_argument("--gpus-per-node", dest="gpus_per_node", type=int)

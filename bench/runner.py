@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, TrainerCallback
+from transformers import TrainerCallback
 
 from bench.errors import BenchError
 from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
@@ -203,8 +203,15 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1) -> dict:
-    """Run (or skip, or resume) one run; always leaves a summary.json with its status."""
+def apply_thread_setting() -> None:
+    """CPU results depend on torch's thread count: BENCH_NUM_THREADS pins it (parallel sweeps set it per worker)."""
+    if os.environ.get("BENCH_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_NUM_THREADS"]))
+
+
+def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None) -> dict:
+    """Run (or skip, or resume) one run; always leaves a summary.json with its status.
+    bar: an object with tqdm's update/set_postfix/close to report steps to instead of a bar of its own."""
     run_dir = Path(run_dir)
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
     if config_path.is_file() and stored_key(read_json(config_path)) != spec.key():
@@ -214,6 +221,7 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
         if old.get("status") in DONE:
             return old
     run_dir.mkdir(parents=True, exist_ok=True)
+    apply_thread_setting()  # before config.json records the thread count
     from methods import get_method
     method = get_method(spec.method)
     atomic_write_json(config_path, {
@@ -229,7 +237,7 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
     t0 = time.perf_counter()
     summary = {"run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed}
     try:
-        summary.update(_train(spec, method, run_dir, progress, position))
+        summary.update(_train(spec, method, run_dir, progress, position, bar))
         summary["status"] = "ok"
         if spec.final_eval == "lm-eval":
             from bench.evaluate import evaluate_run
@@ -274,27 +282,27 @@ def _aggregate(rows: list[dict]) -> dict:
     return out
 
 
-def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int) -> dict:
+def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, bar=None) -> dict:
     device = resolve_device(spec.device)
-    if os.environ.get("BENCH_NUM_THREADS"):  # CPU results depend on the thread count: pin it to compare machines
-        torch.set_num_threads(int(os.environ["BENCH_NUM_THREADS"]))
     with PeakMemory(device) as memory:
-        out = _train_measured(spec, method, run_dir, progress, position, device)
+        out = _train_measured(spec, method, run_dir, progress, position, device, bar)
     out["peak_mem_mb"] = memory.mb
     return out
 
 
-def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, device: str) -> dict:
+def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, device: str,
+                    bar=None) -> dict:
     from datasets import Dataset
     from tqdm.auto import tqdm
 
-    from bench.engine import BenchGRPOTrainer, grpo_config
+    from bench.engine import make_trainer
     from bench.generation import greedy_accuracy
-    from bench.metrics import InitialPolicy, ProbeSet, StepKL
+    from bench.metrics import InitialPolicy, ProbeSet
     from bench.models import load_policy, uses_chat_template
     from bench.policy import build_policy, trainable_parameters
-    from tasks import RewardConfig, chat_prompt, get_task, plain_prompt
+    from tasks import chat_prompt, get_task, plain_prompt
 
+    t_setup = time.perf_counter()
     task = get_task(spec.task, **spec.task_params)
     model, tokenizer = load_policy(spec.model, device=device, progress=progress)
     to_prompt = chat_prompt if uses_chat_template(tokenizer) else plain_prompt
@@ -315,13 +323,10 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
     eval_tokens = spec.max_completion_length
     t_eval = time.perf_counter()
-    base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens)
+    base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch)
     eval_seconds = time.perf_counter() - t_eval
 
-    funcs, weights = RewardConfig(**spec.reward).funcs_and_weights()
     dataset = Dataset.from_list([{"prompt": to_prompt(e.question), "gold": e.gold} for e in train])
-    args = grpo_config(spec, method, str(run_dir / "checkpoints"), weights, chat=to_prompt is chat_prompt,
-                       use_cpu=device == "cpu")
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint = _latest_checkpoint(run_dir)
     rows = []
@@ -330,25 +335,28 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         rows = [r for r in read_jsonl(metrics_path) if r["step"] <= done]
     else:
         checkpoint = None
-    bar = tqdm(total=spec.steps, initial=max((r["step"] for r in rows), default=0), desc=spec.run_id,
-               position=position, leave=False, disable=not progress)
+    done_steps = max((r["step"] for r in rows), default=0)
+    if bar is None:
+        bar = tqdm(total=spec.steps, initial=done_steps, desc=spec.run_id, position=position, leave=False,
+                   disable=not progress)
+    elif done_steps:
+        bar.update(done_steps)
     probe = ProbeSet([to_prompt(e.question) for e in probe_examples], spec.max_completion_length, seed=spec.seed)
     callback = MetricsCallback(metrics_path, probe, reference, tokenizer, spec, rows, bar)
-    trainer = BenchGRPOTrainer(model=policy, reward_funcs=funcs, args=args, train_dataset=dataset,
-                               processing_class=tokenizer, callbacks=[callback], step_kl=StepKL(spec.kl_step_seqs))
+    trainer = make_trainer(spec, method, params, policy, tokenizer, dataset, str(run_dir / "checkpoints"),
+                           chat=to_prompt is chat_prompt, device=device, callbacks=[callback],
+                           log_path=run_dir / "run.log")
     callback.trainer = trainer
-    trainer.log_path = run_dir / "run.log"
-    trainer.run_id = spec.run_id
-    trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict
-    for hook in method.trainer_hooks:
-        hook(trainer, params)
+    setup_seconds = time.perf_counter() - t_setup - init_seconds - eval_seconds
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         bar.close()
     if callback.stopped_at is not None and callback.stopped_at < spec.steps:
         raise Preempted(f"stopped at step {callback.stopped_at} on request; checkpoint saved, re-run to resume")
-    final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens)
+    t_eval = time.perf_counter()
+    final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch)
+    eval_seconds += time.perf_counter() - t_eval
     save_trained(policy, run_dir, residual)
     out = _aggregate(rows)
     out.update({
@@ -356,6 +364,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         "accuracy_gain": final["accuracy"] - base["accuracy"],
         "accuracy_flexible_base": base["accuracy_flexible"], "accuracy_flexible": final["accuracy_flexible"],
         "eval_n": base["n"], "eval_seconds": round(eval_seconds, 3), "init_seconds": round(init_seconds, 4),
+        "setup_seconds": round(setup_seconds, 3),
         "trainable_params": trainable_parameters(policy),
         "device": device, "resumed_from": checkpoint.name if checkpoint else None,
     })

@@ -25,7 +25,8 @@ def parse_rank(value) -> int | str:
 RESERVED_GRPO = {"output_dir", "beta", "max_steps", "seed", "data_seed", "learning_rate", "temperature",
                  "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                  "num_generations", "max_completion_length", "save_steps", "save_strategy", "logging_steps",
-                 "report_to", "use_cpu", "bf16", "fp16", "reward_weights"}
+                 "report_to", "use_cpu", "bf16", "fp16", "reward_weights", "use_vllm"}
+GENERATION_BACKENDS = ("transformers", "vllm")
 
 
 def check_grpo_settings(settings: dict) -> None:
@@ -54,6 +55,7 @@ class RunSpec:
     max_completion_length: int = 72
     temperature: float = 1.0            # rollout sampling temperature (TRL also scales training logits by it)
     eval_size: int | None = None        # None: the whole eval split
+    eval_batch: int = 512               # prompts per greedy-eval generate call (left padding differs with it)
     probe_size: int = 16
     probe_every: int = 20
     kl_step_seqs: int = 8
@@ -63,12 +65,21 @@ class RunSpec:
     lora_dropout: float = 0.0
     final_eval: str = "none"            # "lm-eval": also evaluate the trained policy with lm-eval (summary.lm_eval)
     grpo: dict = field(default_factory=dict)  # extra GRPOConfig settings by TRL name (e.g. lr_scheduler_type)
+    generation_backend: str = "transformers"  # rollouts: the model's generate, or TRL's colocated vLLM (GPU, optional)
 
     def __post_init__(self):
         for name in ("steps", "num_generations", "micro_batch", "grad_accum", "max_completion_length",
-                     "probe_size", "probe_every", "kl_step_seqs", "checkpoint_every"):
+                     "probe_size", "probe_every", "kl_step_seqs", "checkpoint_every", "eval_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise BenchError(f"bad {name} {getattr(self, name)!r}: must be a positive integer")
+        if self.generation_backend not in GENERATION_BACKENDS:
+            raise BenchError(f"bad generation_backend {self.generation_backend!r}; valid: "
+                             f"{', '.join(GENERATION_BACKENDS)}")
+        if self.generation_backend == "vllm":
+            import importlib.util
+            if importlib.util.find_spec("vllm") is None:
+                raise BenchError("generation_backend vllm: vLLM is not installed (pip install vllm, on a CUDA "
+                                 "machine); the default, transformers, needs nothing more")
         if self.num_generations < 2:
             raise BenchError("num_generations must be >= 2 (GRPO needs a group)")
         if (2 * self.micro_batch * self.grad_accum) % self.num_generations:

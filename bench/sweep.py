@@ -44,11 +44,15 @@ def check_writable(out: Path) -> None:
         raise BenchError(f"output directory {out} is not writable: {e.strerror or e}") from None
 
 
-def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True) -> pd.DataFrame:
+def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
+    """Run the grid: in this process (jobs 1) or in `jobs` worker processes of cpu_count // jobs threads each."""
+    check_writable(out)
+    if jobs > 1 and len(specs) > 1:
+        _run_parallel(specs, out, progress, min(jobs, len(specs)))
+        return collect(out)
     from tqdm.auto import tqdm
 
     from bench.runner import run_one
-    check_writable(out)
     bar = tqdm(specs, desc="runs", position=0, disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec.run_id)
@@ -57,6 +61,142 @@ def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True) -> pd.Data
     return collect(out)
 
 
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# A model this small does not use several cores for one run (tiny matrices, Python-bound decoding): on CPU,
+# `--jobs auto` runs that many runs side by side, one thread each, instead.
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+def auto_jobs(specs: list[RunSpec]) -> int:
+    """--jobs auto: one run at a time on a GPU or for models of 50M parameters and more; on CPU with a small
+    model, one run per core (and at most one per 2 GiB of available memory)."""
+    from bench.runner import resolve_device
+    if not specs or any(resolve_device(s.device) != "cpu" for s in specs):
+        return 1
+    from bench.models import load_config
+    params = max(_parameter_count(load_config(m)) for m in {s.model for s in specs})
+    if params >= SMALL_MODEL_PARAMS:
+        return 1
+    try:
+        import psutil
+        by_memory = max(1, int(psutil.virtual_memory().available // 2**31))
+    except ImportError:
+        by_memory = cpu_count()
+    return max(1, min(cpu_count(), by_memory, len(specs)))
+
+
+def _parameter_count(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):  # the architecture without memory or weights
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in skeleton.parameters())
+
+
+_STEPS = None  # in a worker: the queue its runs report finished steps to
+
+
+def _worker_init(threads: int, steps_queue) -> None:
+    global _STEPS
+    os.environ.setdefault("BENCH_NUM_THREADS", str(threads))  # a user's pin wins
+    _STEPS = steps_queue
+
+
+class _QueueBar:
+    """What a run's progress bar does, reported to the parent's step bar through a queue."""
+
+    def update(self, n=1):
+        _STEPS.put(n)
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _run_in_worker(spec_dict: dict, run_dir: str) -> str:
+    from bench.runner import run_one
+    return run_one(RunSpec.from_dict(spec_dict), Path(run_dir), progress=False, bar=_QueueBar()).get("status")
+
+
+def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int) -> None:
+    """Runs in `jobs` spawned worker processes (fresh interpreters, each reused for several runs). A worker that
+    dies (e.g. killed for memory) breaks the pool: the runs then underway are retried one at a time, so that the
+    one that kills its worker again is recorded failed and the sweep goes on."""
+    import multiprocessing as mp
+    import threading
+
+    from tqdm.auto import tqdm
+
+    ctx = mp.get_context("spawn")
+    steps_queue = ctx.Queue()
+    threads = max(1, cpu_count() // jobs)
+    runs_bar = tqdm(total=len(specs), desc=f"runs ({jobs} at a time)", position=0, disable=not progress)
+    steps_bar = tqdm(total=sum(s.steps for s in specs), desc="steps", position=1, disable=not progress)
+
+    def drain():
+        while (n := steps_queue.get()) is not None:
+            steps_bar.update(n)
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+
+    def done(spec):
+        runs_bar.update(1)
+        collect(out)
+    try:
+        todo = list(specs)
+        while todo:
+            broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done)
+            suspects = [s for s in broken if (out / s.run_id / "config.json").is_file()]
+            todo = [s for s in broken if s not in suspects]
+            for spec in suspects:  # alone in a pool of one: a second death is this run's own
+                if _pool_run([spec], out, ctx, 1, threads, steps_queue, done):
+                    _record_crash(spec, out)
+                    done(spec)
+    finally:
+        steps_queue.put(None)
+        drainer.join(timeout=5)
+        steps_bar.close()
+        runs_bar.close()
+
+
+def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done) -> list[RunSpec]:
+    """Run specs in a pool of `jobs` workers; returns those cut off by a worker's death (pool broken)."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    broken = []
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                               initargs=(threads, steps_queue))
+    try:
+        futures = {pool.submit(_run_in_worker, s.to_dict(), str(out / s.run_id)): s for s in specs}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                try:
+                    f.result()
+                except BrokenProcessPool:
+                    broken.append(futures[f])
+                    continue
+                done(futures[f])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return broken
+
+
+def _record_crash(spec: RunSpec, out: Path) -> None:
+    from bench.io import atomic_write_json
+    atomic_write_json(out / spec.run_id / "summary.json", {
+        "run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed, "status": "failed",
+        "error": "its worker process died (killed, e.g. out of memory, or crashed in native code)"})
 def load_runs(out: Path, problems: list | None = None) -> pd.DataFrame:
     """One row per readable run summary; unreadable ones are named in `problems` and skipped."""
     rows = []

@@ -1,0 +1,96 @@
+"""bench.sweep: parallel local sweeps (worker processes) give the runs a sequential sweep gives, survive a killed
+worker, and --jobs auto picks one run per core only for small models on CPU."""
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from bench.io import read_json, read_jsonl
+from bench.spec import RunSpec
+from bench.sweep import SMALL_MODEL_PARAMS, _parameter_count, auto_jobs, cpu_count, run_sweep
+
+SMALL = dict(steps=2, eval_size=8, probe_size=4, probe_every=1, kl_step_seqs=4, checkpoint_every=2,
+             max_completion_length=32)
+TIMING = ("step_seconds", "time_generation", "time_reference", "time_policy", "time_other", "time_metrics")
+
+
+def _specs(**kw):
+    return [RunSpec(method=m, rank=4, **{**SMALL, **kw}) for m in ("kl_free_lora", "kl_grpo")]
+
+
+def _measured(run_dir):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Both sides with one torch thread (CPU sums depend on it); workers inherit the environment."""
+    monkeypatch.setenv("BENCH_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_parallel_sweep_equals_sequential(tmp_path, tiny, one_thread):
+    specs = _specs()
+    seq = run_sweep(specs, tmp_path / "seq", progress=False, jobs=1)
+    par = run_sweep(specs, tmp_path / "par", progress=False, jobs=2)
+    assert list(seq.status) == ["ok", "ok"] and list(par.status) == ["ok", "ok"]
+    for s in specs:
+        assert _measured(tmp_path / "par" / s.run_id) == _measured(tmp_path / "seq" / s.run_id), s.run_id
+        assert read_json(tmp_path / "par" / s.run_id / "config.json")["machine"]["torch_threads"] == 1
+    assert (tmp_path / "par" / "summary.csv").is_file() and (tmp_path / "par" / "tables.md").is_file()
+
+
+def test_killed_worker_does_not_stop_the_sweep(tmp_path, tiny, one_thread):
+    specs = _specs(steps=6, checkpoint_every=2)
+    out = tmp_path / "sweep"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(df=run_sweep(specs, out, progress=False, jobs=2)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and thread.is_alive():
+        started = [s for s in specs if (out / s.run_id / "metrics.jsonl").is_file()
+                   and len(read_jsonl(out / s.run_id / "metrics.jsonl")) >= 2]
+        workers = [p for p in psutil.Process().children(recursive=True) if "python" in p.name().lower()
+                   and p.cpu_times().user > 1.0]  # the pool's workers (not the resource tracker)
+        if started and workers:
+            killed = workers[0].pid
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    thread.join(timeout=600)
+    assert killed is not None, "no worker was caught mid-run"
+    df = result["df"]
+    assert sorted(df.status) == ["ok", "ok"], df[["run_id", "status", "error"]]
+    for s in specs:
+        assert [r["step"] for r in read_jsonl(out / s.run_id / "metrics.jsonl")] == list(range(7))
+
+
+def test_auto_jobs_small_model_on_cpu_uses_every_core(tiny):
+    specs = [RunSpec(method="kl_free_lora", rank=r) for r in (4, 8, 16, 32)]
+    assert auto_jobs(specs) == min(cpu_count(), len(specs))
+    assert auto_jobs(specs[:1]) == 1
+
+
+def test_auto_jobs_large_model_runs_one_at_a_time(tmp_path):
+    from transformers import Qwen3Config
+    config = Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+    config.save_pretrained(tmp_path / "qwen3-0.6b-shaped")
+    count = _parameter_count(config)
+    assert 5.5e8 < count < 6.5e8  # Qwen3-0.6B: 0.6B parameters (0.44B without embeddings)
+    assert count > SMALL_MODEL_PARAMS
+    specs = [RunSpec(method="kl_free_lora", rank=4, model=str(tmp_path / "qwen3-0.6b-shaped"), seed=s)
+             for s in range(4)]
+    assert auto_jobs(specs) == 1
+
+
+def test_parameter_count_matches_the_built_model(tiny):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    assert _parameter_count(AutoConfig.from_pretrained(tiny)) == sum(p.numel() for p in model.parameters())
