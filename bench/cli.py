@@ -198,6 +198,8 @@ def cmd_run(args) -> int:
     specs = build_specs(options)
     out = Path(options["out"] or Path("results") / f"{options['task']}-{Path(options['model']).name}")
     check_writable(out)
+    from bench.models import resolve_model_path
+    resolve_model_path(options["model"], progress=not args.no_progress)  # builds `tiny` once, before any run
     check_ranks_against_model(options["model"], [s.rank for s in specs])
     from bench.runner import resolve_device
     if any(s.generation_backend == "vllm" and resolve_device(s.device) != "cuda" for s in specs):
@@ -206,6 +208,10 @@ def cmd_run(args) -> int:
         return submit_to_slurm(args, specs, out)
     if args.executor != "local":
         raise BenchError(f"unknown --executor {args.executor!r}; valid: local, slurm")
+    from bench.sweep import default_threads
+    threads = default_threads(specs)
+    if threads and not os.environ.get("BENCH_NUM_THREADS"):
+        os.environ["BENCH_NUM_THREADS"] = str(threads)  # this process and the workers it spawns
     df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
     counts = df.status.value_counts().to_dict()
     print(f"{len(df)} runs in {out}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
@@ -437,7 +443,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", help="comma list or 'all' (default all)")
     s.add_argument("--ranks", help="comma list of LoRA ranks or 'full' (default 4,16,64)")
     s.add_argument("--seeds", help="comma list (default 0)")
-    s.add_argument("--steps", help="optimizer steps per run (default 60)")
+    s.add_argument("--steps", help="optimizer steps per run (default 40)")
     s.add_argument("--task", help="task name (default synth-gsm)")
     s.add_argument("--task-param", action="append", dest="task_param", metavar="KEY=VALUE",
                    help="task parameter, e.g. max_steps=3 (repeatable)")

@@ -212,7 +212,9 @@ class BenchGRPOTrainer(GRPOTrainer):
         backbone = base.get_decoder()
 
         def keep(module, args, output):
-            if self._hidden is None:  # the training forward's (a method's own extra forward would come later)
+            # the first forward with gradients: the training forward (generation, old and reference log-probs run
+            # without gradients; a method's own extra forward would come later)
+            if self._hidden is None and torch.is_grad_enabled():
                 hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
                 self._hidden = hidden[:self.step_kl.max_seqs].detach()
         return backbone.register_forward_hook(keep)
@@ -220,8 +222,8 @@ class BenchGRPOTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch):
         t0, prep0 = time.perf_counter(), self._prep_seconds
         hook = None
-        if inputs is self._step_first_batch and self.step_kl.reads_hidden(model):
-            self._hidden = None
+        if self._step_first_batch is None and self.step_kl.reads_hidden(model):  # the step's first micro-batch
+            self._hidden = None  # (the Trainer prepares `inputs` inside training_step: the hook waits for it)
             hook = self._final_hidden_hook(model)
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)  # TRL's: increments self._step

@@ -45,14 +45,14 @@ class RunSpec:
     task: str = "synth-gsm"
     task_params: dict = field(default_factory=dict)
     model: str = "tiny"
-    steps: int = 60
-    lr: float = 5e-4
+    steps: int = 40
+    lr: float = 1e-3
     alpha: float | None = None          # LoRA alpha; None -> alpha = rank (scaling 1)
     method_params: dict = field(default_factory=dict)  # overrides of the method's parameters (e.g. rho)
     num_generations: int = 8            # G completions per prompt
     micro_batch: int = 16               # completions per micro-batch
     grad_accum: int = 2                 # micro-batches per optimizer step (2 steps per generation batch)
-    max_completion_length: int = 72
+    max_completion_length: int = 64      # longest synth-gsm solution: 62 tokens with EOS
     temperature: float = 1.0            # rollout sampling temperature (TRL also scales training logits by it)
     eval_size: int | None = None        # None: the whole eval split
     eval_batch: int = 512               # prompts per greedy-eval generate call (left padding differs with it)

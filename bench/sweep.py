@@ -45,7 +45,8 @@ def check_writable(out: Path) -> None:
 
 
 def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
-    """Run the grid: in this process (jobs 1) or in `jobs` worker processes of cpu_count // jobs threads each."""
+    """Run the grid: in this process (jobs 1) or in `jobs` worker processes (threads per run: BENCH_NUM_THREADS,
+    else cpu_count // jobs)."""
     check_writable(out)
     if jobs > 1 and len(specs) > 1:
         _run_parallel(specs, out, progress, min(jobs, len(specs)))
@@ -68,20 +69,30 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-# A model this small does not use several cores for one run (tiny matrices, Python-bound decoding): on CPU,
-# `--jobs auto` runs that many runs side by side, one thread each, instead.
+# A model this small does not use several cores for one run (tiny matrices, Python-bound decoding): on CPU, its
+# runs get one torch thread each and run side by side, one per core.
 SMALL_MODEL_PARAMS = 50_000_000
 
 
-def auto_jobs(specs: list[RunSpec]) -> int:
-    """--jobs auto: one run at a time on a GPU or for models of 50M parameters and more; on CPU with a small
-    model, one run per core (and at most one per 2 GiB of available memory)."""
+def small_model_on_cpu(specs: list[RunSpec]) -> bool:
     from bench.runner import resolve_device
     if not specs or any(resolve_device(s.device) != "cpu" for s in specs):
-        return 1
+        return False
     from bench.models import load_config
-    params = max(_parameter_count(load_config(m)) for m in {s.model for s in specs})
-    if params >= SMALL_MODEL_PARAMS:
+    return max(_parameter_count(load_config(m)) for m in {s.model for s in specs}) < SMALL_MODEL_PARAMS
+
+
+def default_threads(specs: list[RunSpec]) -> int | None:
+    """Torch threads per run unless BENCH_NUM_THREADS says otherwise: 1 for a small model on CPU, whatever the
+    machine and however many runs go at once, so that a run's metrics are the same alone, in a local sweep, on
+    SLURM and on a machine with more cores (CPU float sums depend on the thread count). None: torch's default."""
+    return 1 if small_model_on_cpu(specs) else None
+
+
+def auto_jobs(specs: list[RunSpec]) -> int:
+    """--jobs auto: on CPU with a model under 50M parameters, one run per core (at most one per 2 GiB of available
+    memory); otherwise (GPU, larger models) one run at a time."""
+    if not small_model_on_cpu(specs):
         return 1
     try:
         import psutil
@@ -103,7 +114,9 @@ _STEPS = None  # in a worker: the queue its runs report finished steps to
 
 
 def _worker_init(threads: int, steps_queue) -> None:
+    import warnings
     global _STEPS
+    warnings.filterwarnings("ignore", category=FutureWarning)  # as bench.cli.main: transformers 5.x notices, per run
     os.environ.setdefault("BENCH_NUM_THREADS", str(threads))  # a user's pin wins
     _STEPS = steps_queue
 

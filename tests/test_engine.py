@@ -176,3 +176,39 @@ def test_trainer_loop_defers_old_logprobs_to_the_second_step(tmp_path, tiny):
     assert len(micro) == 4
     assert ["old_per_token_logps" in mb for mb in micro] == [False, False, True, True]
     assert all(mb["old_per_token_logps"].shape == mb["completion_ids"].shape for mb in micro[2:])
+
+
+def test_trainer_loop_reads_kl_step_from_the_training_forward(tmp_path, tiny, monkeypatch):
+    """In the Trainer's loop, every step's pre-step distribution comes from the training forward's hidden states
+    (no forward of its own), and kl_step is positive."""
+    from datasets import Dataset
+
+    from bench.engine import make_trainer
+    from bench.models import load_policy
+    from bench.policy import build_policy
+    from methods import get_method
+    from tasks import get_task, plain_prompt
+    spec = RunSpec(**SPEC, steps=2, micro_batch=8, grad_accum=2, checkpoint_every=100, kl_step_seqs=4)
+    method = get_method(spec.method)
+    params = method.resolve_params({})
+    model, tokenizer = load_policy("tiny")
+    policy = build_policy(model, method, spec.rank, spec.lora_alpha, 0, params)
+    rows = [{"prompt": plain_prompt(e.question), "gold": e.gold} for e in get_task("synth-gsm").examples("train")[:8]]
+    trainer = make_trainer(spec, method, params, policy, tokenizer, Dataset.from_list(rows), str(tmp_path), chat=False,
+                           device="cpu")
+    used, after = [], []
+    capture = trainer.step_kl.capture_before
+
+    def spy(model, batch, hidden=None):  # records whether the hidden states came along, then does the real work
+        used.append(hidden is not None)
+        return capture(model, batch, hidden=hidden)
+    monkeypatch.setattr(trainer.step_kl, "capture_before", spy)
+    from transformers import TrainerCallback
+
+    class AfterStep(TrainerCallback):  # what the runner's MetricsCallback does after each optimizer step
+        def on_step_end(self, args, state, control, model=None, **kw):
+            after.append(trainer.step_kl.after_step(model))
+    trainer.add_callback(AfterStep())
+    trainer.train()
+    assert used == [True, True]
+    assert len(after) == 2 and all(a["kl_step"] > 0 for a in after)

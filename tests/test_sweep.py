@@ -11,7 +11,7 @@ import torch
 
 from bench.io import read_json, read_jsonl
 from bench.spec import RunSpec
-from bench.sweep import SMALL_MODEL_PARAMS, _parameter_count, auto_jobs, cpu_count, run_sweep
+from bench.sweep import SMALL_MODEL_PARAMS, _parameter_count, auto_jobs, cpu_count, default_threads, run_sweep
 
 SMALL = dict(steps=2, eval_size=8, probe_size=4, probe_every=1, kl_step_seqs=4, checkpoint_every=2,
              max_completion_length=32)
@@ -75,6 +75,7 @@ def test_auto_jobs_small_model_on_cpu_uses_every_core(tiny):
     specs = [RunSpec(method="kl_free_lora", rank=r) for r in (4, 8, 16, 32)]
     assert auto_jobs(specs) == min(cpu_count(), len(specs))
     assert auto_jobs(specs[:1]) == 1
+    assert default_threads(specs) == 1 and default_threads(specs[:1]) == 1  # alone or side by side: same numbers
 
 
 def test_auto_jobs_large_model_runs_one_at_a_time(tmp_path):
@@ -88,6 +89,7 @@ def test_auto_jobs_large_model_runs_one_at_a_time(tmp_path):
     specs = [RunSpec(method="kl_free_lora", rank=4, model=str(tmp_path / "qwen3-0.6b-shaped"), seed=s)
              for s in range(4)]
     assert auto_jobs(specs) == 1
+    assert default_threads(specs) is None  # torch's default: every core for the one run
 
 
 def test_parameter_count_matches_the_built_model(tiny):
