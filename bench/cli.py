@@ -208,19 +208,7 @@ def cmd_run(args) -> int:
         return submit_to_slurm(args, specs, out)
     if args.executor != "local":
         raise BenchError(f"unknown --executor {args.executor!r}; valid: local, slurm")
-    import torch
-
-    from bench.sweep import default_threads
-    threads, pinned = default_threads(specs), os.environ.get("BENCH_NUM_THREADS")
-    torch_threads = torch.get_num_threads()
-    if threads and not pinned:
-        os.environ["BENCH_NUM_THREADS"] = str(threads)  # this process and the workers it spawns
-    try:
-        df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
-    finally:  # as it was, for a caller that runs more in this process (tests)
-        if threads and not pinned:
-            del os.environ["BENCH_NUM_THREADS"]
-            torch.set_num_threads(torch_threads)
+    df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
     counts = df.status.value_counts().to_dict()
     print(f"{len(df)} runs in {out}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     print(f"tables: {out / 'tables.md'}  summary: {out / 'summary.csv'}")

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -203,10 +204,28 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def apply_thread_setting() -> None:
-    """CPU results depend on torch's thread count: BENCH_NUM_THREADS pins it (parallel sweeps set it per worker)."""
+def run_threads(spec: RunSpec) -> int | None:
+    """Torch threads for a run: BENCH_NUM_THREADS if set; else 1 for a model under 50M parameters on CPU (see
+    bench.sweep.default_threads), wherever the run happens; else None (the process's setting)."""
     if os.environ.get("BENCH_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["BENCH_NUM_THREADS"]))
+        return int(os.environ["BENCH_NUM_THREADS"])
+    from bench.sweep import default_threads
+    try:
+        return default_threads([spec])
+    except BenchError:  # the model's configuration is unreadable: the run itself will say why
+        return None
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """CPU float sums depend on the thread count: the run uses n threads, and the caller gets its own back."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None) -> dict:
@@ -221,7 +240,12 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
         if old.get("status") in DONE:
             return old
     run_dir.mkdir(parents=True, exist_ok=True)
-    apply_thread_setting()  # before config.json records the thread count
+    with torch_threads(run_threads(spec)):  # before config.json records the thread count
+        return _run_one(spec, run_dir, progress, position, bar)
+
+
+def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -> dict:
+    summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
     from methods import get_method
     method = get_method(spec.method)
     atomic_write_json(config_path, {

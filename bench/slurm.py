@@ -80,12 +80,8 @@ class RunTask:
         from bench import runner
         from bench.spec import RunSpec
 
-        # torch's thread count as in a local run (BENCH_NUM_THREADS, else 1 for a small model on CPU, else torch's
-        # default): CPU float sums depend on it, and a SLURM sweep must reproduce a local one bit for bit
-        from bench.sweep import default_threads
-        threads = default_threads([RunSpec.from_dict(spec)])
-        if threads and not os.environ.get("BENCH_NUM_THREADS"):
-            os.environ["BENCH_NUM_THREADS"] = str(threads)
+        # torch's thread count is chosen by run_one as in a local run (runner.run_threads): CPU float sums depend
+        # on it, and a SLURM sweep must reproduce a local one bit for bit
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, lambda *_: runner.STOP_REQUESTED.set())
         summary = runner.run_one(RunSpec.from_dict(spec), Path(run_dir), progress=False)

@@ -45,8 +45,8 @@ def check_writable(out: Path) -> None:
 
 
 def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
-    """Run the grid: in this process (jobs 1) or in `jobs` worker processes (threads per run: BENCH_NUM_THREADS,
-    else cpu_count // jobs)."""
+    """Run the grid: in this process (jobs 1) or in `jobs` worker processes of cpu_count // jobs threads (a run
+    may pin fewer: runner.run_threads)."""
     check_writable(out)
     if jobs > 1 and len(specs) > 1:
         _run_parallel(specs, out, progress, min(jobs, len(specs)))
@@ -115,9 +115,11 @@ _STEPS = None  # in a worker: the queue its runs report finished steps to
 
 def _worker_init(threads: int, steps_queue) -> None:
     import warnings
+
+    import torch
     global _STEPS
     warnings.filterwarnings("ignore", category=FutureWarning)  # as bench.cli.main: transformers 5.x notices, per run
-    os.environ.setdefault("BENCH_NUM_THREADS", str(threads))  # a user's pin wins
+    torch.set_num_threads(threads)  # the worker's share of the cores; run_one may pin fewer (runner.run_threads)
     _STEPS = steps_queue
 
 

@@ -250,8 +250,12 @@ def test_one_microbatch_per_step_proma_is_unclipped_grpo_through_trl(tmp_path, t
     assert sp["proma_weight_hook_calls"] > 0  # the gradients did come from the hooks
     assert "nothing to project" in (tmp_path / "proma" / "run.log").read_text()
     assert wp.keys() == wu.keys()
+    # Equal up to float summation order (the hooks sum g_i in another order than autograd). Adam turns such
+    # differences in near-zero gradient coordinates into weight differences that grow with lr; a different
+    # algorithm (a projection applied, an advantage misplaced) moves coordinates by about lr itself.
+    lr = RunSpec(method="proma", rank=4).lr
     for k in wu:
-        assert torch.allclose(wp[k], wu[k], atol=1e-6), k
+        assert torch.allclose(wp[k], wu[k], rtol=0, atol=0.02 * lr), k
     assert any(float(wu[k].abs().max()) > 0 for k in wu if "lora_B" in k)  # it trained (lora_B starts at 0)
 
 
