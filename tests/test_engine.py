@@ -152,9 +152,8 @@ def test_vllm_backend_is_optional_and_maps_to_trl():
     assert args.use_vllm and args.vllm_mode == "colocate"
 
 
-def test_trainer_loop_defers_old_logprobs_to_the_second_step(tmp_path, tiny):
-    """Through the Trainer's own loop (make_trainer + train): after one generation batch, the first step's
-    micro-batches carry no old log-probs and the second step's do."""
+def _two_step_trainer(tmp_path, **kw):
+    """The runner's trainer (make_trainer) for one generation batch = two optimizer steps of 2 micro-batches."""
     from datasets import Dataset
 
     from bench.engine import make_trainer
@@ -162,14 +161,20 @@ def test_trainer_loop_defers_old_logprobs_to_the_second_step(tmp_path, tiny):
     from bench.policy import build_policy
     from methods import get_method
     from tasks import get_task, plain_prompt
-    spec = RunSpec(**SPEC, steps=2, micro_batch=8, grad_accum=2, checkpoint_every=100)
+    spec = RunSpec(**SPEC, steps=2, micro_batch=8, grad_accum=2, checkpoint_every=100, **kw)
     method = get_method(spec.method)
     params = method.resolve_params({})
     model, tokenizer = load_policy("tiny")
     policy = build_policy(model, method, spec.rank, spec.lora_alpha, 0, params)
     rows = [{"prompt": plain_prompt(e.question), "gold": e.gold} for e in get_task("synth-gsm").examples("train")[:8]]
-    trainer = make_trainer(spec, method, params, policy, tokenizer, Dataset.from_list(rows), str(tmp_path), chat=False,
-                           device="cpu")
+    return make_trainer(spec, method, params, policy, tokenizer, Dataset.from_list(rows), str(tmp_path), chat=False,
+                        device="cpu")
+
+
+def test_trainer_loop_defers_old_logprobs_to_the_second_step(tmp_path, tiny):
+    """Through the Trainer's own loop (make_trainer + train): after one generation batch, the first step's
+    micro-batches carry no old log-probs and the second step's do."""
+    trainer = _two_step_trainer(tmp_path)
     trainer.train()
     assert trainer.state.global_step == 2
     micro = trainer._buffered_inputs
@@ -181,21 +186,7 @@ def test_trainer_loop_defers_old_logprobs_to_the_second_step(tmp_path, tiny):
 def test_trainer_loop_reads_kl_step_from_the_training_forward(tmp_path, tiny, monkeypatch):
     """In the Trainer's loop, every step's pre-step distribution comes from the training forward's hidden states
     (no forward of its own), and kl_step is positive."""
-    from datasets import Dataset
-
-    from bench.engine import make_trainer
-    from bench.models import load_policy
-    from bench.policy import build_policy
-    from methods import get_method
-    from tasks import get_task, plain_prompt
-    spec = RunSpec(**SPEC, steps=2, micro_batch=8, grad_accum=2, checkpoint_every=100, kl_step_seqs=4)
-    method = get_method(spec.method)
-    params = method.resolve_params({})
-    model, tokenizer = load_policy("tiny")
-    policy = build_policy(model, method, spec.rank, spec.lora_alpha, 0, params)
-    rows = [{"prompt": plain_prompt(e.question), "gold": e.gold} for e in get_task("synth-gsm").examples("train")[:8]]
-    trainer = make_trainer(spec, method, params, policy, tokenizer, Dataset.from_list(rows), str(tmp_path), chat=False,
-                           device="cpu")
+    trainer = _two_step_trainer(tmp_path, kl_step_seqs=4)
     used, after = [], []
     capture = trainer.step_kl.capture_before
 
