@@ -461,8 +461,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="lm-eval: also evaluate each trained policy with lm-eval (into summary.json)")
     s.add_argument("--executor", default="local", help="local (this machine, default) or slurm (one job array)")
     s.add_argument("--jobs", default="auto",
-                   help="local: runs at a time, each in a worker process with cores/jobs torch threads; 'auto' "
-                        "(default): one per core on CPU for models under 50M parameters, else 1")
+                   help="local: runs at a time, each in a worker process; 'auto' (default): one per core on CPU "
+                        "for models under 50M parameters (one torch thread each), else 1")
     s.add_argument("--profile", help="SLURM profile: a name in slurm/ (e.g. local, gpu-example) or a YAML path")
     s.add_argument("--partition", help="SLURM partition")
     s.add_argument("--gpus-per-node", dest="gpus_per_node", type=int)
