@@ -466,13 +466,12 @@ def common_config(sweep: Sweep) -> dict:
 
 
 def write_report(sweep_dir: Path) -> tuple[Sweep, dict]:
-    """tables.md, summary.csv (via collect), plots/*.png, claims.md and report.html in sweep_dir."""
-    from bench.sweep import collect
+    """tables.md, summary.csv, plots/*.png, claims.md and report.html in sweep_dir (the runs are read once)."""
     sweep_dir = Path(sweep_dir)
     sweep = load_sweep(sweep_dir)
     if sweep.runs.empty:
         return sweep, {}
-    collect(sweep_dir)
+    atomic_write_text(sweep_dir / "summary.csv", sweep.runs[SUMMARY_COLUMNS].to_csv(index=False))  # as collect
     tables_md = markdown_tables(sweep.runs)
     claims = check_claims(sweep)
     claims_md = claims_markdown(claims)
