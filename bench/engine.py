@@ -3,8 +3,8 @@
 Overrides observe: `_generate` (generation time, tokens), `_get_per_token_logps_and_entropies` (reference vs
 policy forward time), `_prepare_inputs` (the step's rollouts for kl_step) and `training_step` (policy
 forward+backward time; kl_step's pre-step distribution, read from the training forward's final hidden states).
-Two save work without changing what TRL computes: each micro-batch drops its all-padding columns (TRL pads a whole
-generation batch to its longest completion), and the "old" log-prob forward, which TRL runs over a whole
+Two save work without changing what TRL computes: each micro-batch drops its all-padding completion columns (TRL pads
+a whole generation batch to its longest completion), and the "old" log-prob forward, which TRL runs over a whole
 generation batch, runs only for the micro-batches of later optimizer steps: those of the first step are scored by
 the very parameters that sampled them, where TRL's loss uses the current log-probs (ratio 1).
 The loss, the sampler and the optimizer are TRL's.
@@ -84,19 +84,17 @@ COMPLETION_ALIGNED = ("completion_ids", "completion_mask", "old_per_token_logps"
 
 
 def trim_padding(mb: dict) -> None:
-    """Drop the columns that are padding in every row of a micro-batch, in place: prompt columns left of its
-    longest prompt, completion columns right of its longest completion. TRL pads a whole generation batch to its
-    longest completion; every loss and metric masks padding, so the result is the same with less compute. Left
-    alone when the micro-batch holds a tensor of unknown alignment (e.g. a multimodal model's)."""
+    """Drop the completion columns right of a micro-batch's longest completion, in place. TRL pads a whole
+    generation batch to its longest completion; every loss and metric masks padding and attention is causal, so the
+    result is exactly the same with less compute. Prompt columns stay: TRL's forward counts positions from the first
+    column, and the reference log-probs were computed on the full width. Left alone when the micro-batch holds a
+    tensor of unknown alignment (e.g. a multimodal model's)."""
     completion_w = mb["completion_ids"].shape[1]
     known = {"prompt_ids", "prompt_mask", *COMPLETION_ALIGNED}
     if any(torch.is_tensor(v) and v.dim() >= 2 and k not in known for k, v in mb.items()):
         return
-    keep_from = int(mb["prompt_mask"].any(0).long().argmax())  # the first column some prompt uses
     used = mb["completion_mask"].any(0).nonzero()
     keep_to = int(used[-1]) + 1 if len(used) else 1
-    for k in ("prompt_ids", "prompt_mask"):
-        mb[k] = mb[k][:, keep_from:]
     for k in COMPLETION_ALIGNED:
         v = mb.get(k)
         if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == completion_w:
@@ -166,10 +164,12 @@ class BenchGRPOTrainer(GRPOTrainer):
 
     def _defers_old_logps(self) -> bool:
         """Where TRL would score a whole generation batch for its old log-probs (generation spans several optimizer
-        steps, one pass over each rollout, no vLLM correction) and the per-micro-batch rule is the same thing."""
+        steps, one pass over each rollout, no vLLM correction) and the per-micro-batch rule is the same thing (each
+        generation batch starts an optimizer step)."""
         generate_every = self.args.steps_per_generation * self.num_iterations
         return (self.num_iterations == 1 and not self.use_vllm
-                and self.args.gradient_accumulation_steps % generate_every != 0)
+                and self.args.gradient_accumulation_steps % generate_every != 0
+                and self.args.steps_per_generation % self.args.gradient_accumulation_steps == 0)
 
     def _prepare_inputs(self, generation_batch):
         t0 = time.perf_counter()
@@ -222,7 +222,8 @@ class BenchGRPOTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch):
         t0, prep0 = time.perf_counter(), self._prep_seconds
         hook = None
-        if self._step_first_batch is None and self.step_kl.reads_hidden(model):  # the step's first micro-batch
+        if self._step_first_batch is None and self.step_kl.reads_hidden(  # the step's first micro-batch
+                model, autocast=self.args.bf16 or self.args.fp16):
             self._hidden = None  # (the Trainer prepares `inputs` inside training_step: the hook waits for it)
             hook = self._final_hidden_hook(model)
         try:

@@ -159,11 +159,17 @@ class StepKL:
     LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                         "logits_scaling")
 
-    def reads_hidden(self, model) -> bool:
-        """Whether the pre-step distribution can come from the training forward's final hidden states: the LM head
-        alone maps them to the logits, and no dropout is active (the training forward runs in train mode)."""
+    def reads_hidden(self, model, autocast: bool = False) -> bool:
+        """Whether the pre-step distribution can come from the training forward's final hidden states, i.e. the
+        training forward computes what a separate forward would: rotary positions (TRL counts positions from the
+        padding, which only rotary attention cannot see), float32 weights and no autocast (in bf16 the two differ by
+        a KL of ~1e-4, as large as kl_step itself), the LM head alone maps hidden states to logits, no dropout."""
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if autocast or getattr(config, "rope_parameters", None) is None:
+            return False
         if any(getattr(config, name, None) is not None for name in self.LOGIT_TRANSFORMS):
+            return False
+        if any(p.dtype != torch.float32 for p in model.parameters()):
             return False
         return not any(isinstance(m, torch.nn.Dropout) and m.training and m.p > 0 for m in model.modules())
 

@@ -222,7 +222,7 @@ def metric_overhead(spec, model_name: str, device: str, reps: int, log=print) ->
         b.reset()
         t0 = time.perf_counter()
         batch = b.generation_batch(rep)
-        b.update(batch, keep_hidden=step_kl.reads_hidden(b.policy))
+        b.update(batch, keep_hidden=step_kl.reads_hidden(b.policy, autocast=b.trainer.args.bf16 or b.trainer.args.fp16))
         t1 = time.perf_counter()
         first = batch[0]  # kl_step reads the step's first micro-batch
         rollout = RolloutBatch(first["prompt_ids"], first["prompt_mask"], first["completion_ids"],

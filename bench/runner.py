@@ -195,7 +195,10 @@ def save_trained(policy, run_dir: Path, residual: bool) -> None:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    """The last complete checkpoint (the Trainer writes trainer_state.json last: a process killed while saving
+    leaves a folder without it)."""
+    ckpts = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                   key=lambda p: int(p.name.split("-")[-1]))
     return ckpts[-1] if ckpts else None
 
 

@@ -166,10 +166,13 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int) ->
         runs_bar.update(1)
         collect(out)
     try:
-        todo = list(specs)
+        todo, cut = list(specs), {}
         while todo:
             broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done)
-            suspects = [s for s in broken if (out / s.run_id / "config.json").is_file()]
+            for s in broken:
+                cut[s.run_id] = cut.get(s.run_id, 0) + 1
+            # suspects: runs underway when the worker died, and any run cut off twice (a death before it started)
+            suspects = [s for s in broken if (out / s.run_id / "config.json").is_file() or cut[s.run_id] >= 2]
             todo = [s for s in broken if s not in suspects]
             for spec in suspects:  # alone in a pool of one: a second death is this run's own
                 if _pool_run([spec], out, ctx, 1, threads, steps_queue, done):
@@ -209,6 +212,7 @@ def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done)
 
 def _record_crash(spec: RunSpec, out: Path) -> None:
     from bench.io import atomic_write_json
+    (out / spec.run_id).mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / spec.run_id / "summary.json", {
         "run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed, "status": "failed",
         "error": "its worker process died (killed, e.g. out of memory, or crashed in native code)"})

@@ -53,17 +53,17 @@ def _untrimmed(mb, prompt_pad: int, completion_pad: int, pad_id: int):
     return out
 
 
-def test_trim_padding_cuts_only_padding_and_keeps_loss_and_gradients(bench_and_batch):
+def test_trim_padding_cuts_only_completion_padding_and_keeps_loss_and_gradients(bench_and_batch):
     b, micro = bench_and_batch
     mb = micro[-1]  # a later step's micro-batch: it carries old log-probs, which must be trimmed alike
     assert "old_per_token_logps" in mb
     padded = _untrimmed(mb, 5, 7, b.tokenizer.pad_token_id)
     trimmed = copy.copy(padded)
     trim_padding(trimmed)
-    assert trimmed["prompt_ids"].shape[1] <= mb["prompt_ids"].shape[1]
+    assert trimmed["prompt_ids"].shape == padded["prompt_ids"].shape  # prompts keep their columns (positions)
     assert trimmed["completion_ids"].shape[1] <= mb["completion_ids"].shape[1]
     assert trimmed["old_per_token_logps"].shape == trimmed["completion_ids"].shape
-    assert trimmed["prompt_mask"][:, 0].any() and trimmed["completion_mask"][:, -1].any()  # nothing more to cut
+    assert trimmed["completion_mask"][:, -1].any()  # nothing more to cut
     assert int(trimmed["completion_mask"].sum()) == int(padded["completion_mask"].sum())
     loss_p, grads_p = _loss_and_grads(b, padded)
     loss_t, grads_t = _loss_and_grads(b, trimmed)
@@ -83,7 +83,7 @@ def test_trim_padding_leaves_unknown_tensors_alone():
     assert mb["prompt_ids"].shape[1] == 2 and mb["completion_ids"].shape[1] == 2
     del mb["pixel_values"]
     trim_padding(mb)
-    assert mb["prompt_ids"].tolist() == [[5]] and mb["completion_ids"].tolist() == [[6]]
+    assert mb["prompt_ids"].tolist() == [[0, 5]] and mb["completion_ids"].tolist() == [[6]]
 
 
 def test_old_logprobs_only_where_parameters_will_have_changed(bench_and_batch):
@@ -203,3 +203,27 @@ def test_trainer_loop_reads_kl_step_from_the_training_forward(tmp_path, tiny, mo
     trainer.train()
     assert used == [True, True]
     assert len(after) == 2 and all(a["kl_step"] > 0 for a in after)
+
+
+def test_step_kl_reads_hidden_only_where_it_equals_a_separate_forward(tiny):
+    """bf16 weights or autocast (the GPU path) and absolute positions fall back to a separate forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bench.models import load_policy
+    model, _ = load_policy("tiny")
+    step_kl = StepKL(4)
+    assert step_kl.reads_hidden(model)
+    assert not step_kl.reads_hidden(model, autocast=True)
+    assert not step_kl.reads_hidden(model.to(torch.bfloat16))
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    assert not step_kl.reads_hidden(gpt2.eval())
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
+    from bench.runner import _latest_checkpoint
+    for step, complete in ((10, True), (20, False)):
+        ckpt = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        if complete:
+            (ckpt / "trainer_state.json").write_text("{}")
+    assert _latest_checkpoint(tmp_path).name == "checkpoint-10"
