@@ -236,7 +236,6 @@ def submit_to_slurm(args, specs, out: Path) -> int:
     import shutil
 
     from bench import slurm
-    from bench.models import EMBEDDED, resolve_model_path
 
     if shutil.which("sbatch") is None:
         raise BenchError("--executor slurm: sbatch not found (is this a SLURM login node?)")
@@ -258,8 +257,6 @@ def submit_to_slurm(args, specs, out: Path) -> int:
     if not todo:
         print(f"nothing to submit: all {len(specs)} runs in {out} are finished, pending or running")
         return 0
-    if specs[0].model in EMBEDDED:
-        resolve_model_path(specs[0].model, progress=not args.no_progress)  # build once, before the array starts
     record = slurm.submit(todo, out, profile)
     array = record["arrays"][-1]["array_id"]
     print(f"submitted SLURM array {array}: {len(todo)} run(s) of {len(specs)} into {out}")

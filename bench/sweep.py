@@ -1,6 +1,7 @@
 """Sweeps: the grid of RunSpecs, running it in-process, and collecting run directories into sweep tables."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -78,8 +79,7 @@ def small_model_on_cpu(specs: list[RunSpec]) -> bool:
     from bench.runner import resolve_device
     if not specs or any(resolve_device(s.device) != "cpu" for s in specs):
         return False
-    from bench.models import load_config
-    return max(_parameter_count(load_config(m)) for m in {s.model for s in specs}) < SMALL_MODEL_PARAMS
+    return max(_model_parameters(m) for m in {s.model for s in specs}) < SMALL_MODEL_PARAMS
 
 
 def default_threads(specs: list[RunSpec]) -> int | None:
@@ -100,6 +100,13 @@ def auto_jobs(specs: list[RunSpec]) -> int:
     except ImportError:
         by_memory = cpu_count()
     return max(1, min(cpu_count(), by_memory, len(specs)))
+
+
+@functools.lru_cache(maxsize=None)
+def _model_parameters(model: str) -> int:
+    """Once per model and process: asked by --jobs auto and again by every run for its thread count."""
+    from bench.models import load_config
+    return _parameter_count(load_config(model))
 
 
 def _parameter_count(config) -> int:
