@@ -1,7 +1,10 @@
 """Batched generation and greedy accuracy, shared by the tiny-model builder and the harness."""
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -23,13 +26,14 @@ def eval_mode(model):
 def merged_adapters(model):
     """Run generation with each LoRA update folded into its fp32 base weight (W + s*B*A, PEFT's own delta) and
     the adapters off: one matmul per projection instead of three. The base weights are restored by copy, so the
-    policy is exactly what it was. bf16/fp16 weights are left alone (a small delta could round away)."""
+    policy is exactly what it was. bf16/fp16 weights are left alone (a small delta could round away).
+    Yields whether it folded (then only the non-adapter weights act)."""
     from peft.tuners.lora import LoraLayer
     adapter = getattr(model, "active_adapter", None)
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and adapter in getattr(m, "lora_A", {})]
     if not layers or not hasattr(model, "disable_adapter") or any(
             m.get_base_layer().weight.dtype != torch.float32 for m in layers):
-        yield
+        yield False
         return
     saved = []
     with torch.no_grad():
@@ -39,7 +43,7 @@ def merged_adapters(model):
             weight.add_(m.get_delta_weight(adapter))
     try:
         with model.disable_adapter():
-            yield
+            yield True
     finally:
         with torch.no_grad():
             for weight, original in saved:
@@ -85,10 +89,68 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, greedy: bool = True
     return completions, {"batches": batches}
 
 
-def greedy_accuracy(model, tokenizer, prompts, golds, max_new_tokens: int, batch_size: int = 256) -> dict:
-    """lm-eval exact match (strict and flexible) of greedy completions."""
+def acting_weights_digest(model) -> str:
+    """sha256 of every tensor the model's generation reads: the weights as `generate` uses them (adapters folded into
+    their base weights where merged_adapters folds them, else the adapters too), buffers included."""
+    digest = hashlib.sha256()
+    with torch.no_grad(), merged_adapters(model) as folded:
+        for name, tensor in model.state_dict(keep_vars=False).items():
+            if folded and ".lora_" in name:  # adapters are off while folded: they do not act
+                continue
+            # a wrapped layer acts as its base layer: the same key for the plain model and a folded PEFT model
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            t = tensor.detach().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _eval_memo_key(model, tokenizer, prompts, max_new_tokens: int, batch_size: int) -> str:
+    """Everything greedy completions depend on: acting weights, model and generation configs, tokenizer, prompts,
+    budget, batching, device, thread count, library versions and this module's source."""
+    import inspect
+    import sys
+
+    import transformers
+    device = next(model.parameters()).device
+    tok = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(
+        sorted(tokenizer.get_vocab().items()))
+    parts = [acting_weights_digest(model), model.config.to_json_string(), model.generation_config.to_json_string(),
+             str(getattr(model.config, "_attn_implementation", None)), tok, tokenizer.padding_side,
+             repr(tokenizer.pad_token_id), repr(tokenizer.eos_token_id), json.dumps(list(prompts)),
+             str(max_new_tokens), str(batch_size), device.type, str(torch.get_num_threads()), torch.__version__,
+             transformers.__version__, inspect.getsource(sys.modules[__name__])]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
+
+
+def greedy_completions(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 256,
+                       memo_dir: Path | None = None) -> tuple[list[str], bool]:
+    """Greedy completions, and whether they came from `memo_dir`. Greedy decoding is a pure function of the memo key
+    (_eval_memo_key): runs whose initial policies act with the very same weights (every zero-initialized adapter
+    and the base model itself) share one evaluation of it. Written atomically; an unreadable entry is recomputed."""
+    from bench.io import atomic_write_json
+    path = None
+    if memo_dir is not None:
+        path = Path(memo_dir) / f"greedy-{_eval_memo_key(model, tokenizer, prompts, max_new_tokens, batch_size)}.json"
+        try:
+            completions = json.loads(path.read_text())["completions"]
+            if isinstance(completions, list) and len(completions) == len(prompts):
+                return completions, True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     completions, _ = generate(model, tokenizer, prompts, max_new_tokens, greedy=True, batch_size=batch_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"completions": completions})
+    return completions, False
+
+
+def greedy_accuracy(model, tokenizer, prompts, golds, max_new_tokens: int, batch_size: int = 256,
+                    memo_dir: Path | None = None) -> dict:
+    """lm-eval exact match (strict and flexible) of greedy completions (scored afresh, also when memoized)."""
+    completions, memoized = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size, memo_dir)
     strict = sum(is_correct(c, g, "strict") for c, g in zip(completions, golds))
     flexible = sum(is_correct(c, g, "flexible") for c, g in zip(completions, golds))
     n = max(1, len(golds))
-    return {"accuracy": strict / n, "accuracy_flexible": flexible / n, "n": len(golds), "completions": completions}
+    return {"accuracy": strict / n, "accuracy_flexible": flexible / n, "n": len(golds), "completions": completions,
+            "memoized": memoized}

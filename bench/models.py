@@ -24,6 +24,9 @@ from bench.io import atomic_write_json
 
 BUILDER_VERSION = 2
 EOS = "<|endoftext|>"
+# CPU float sums depend on the torch thread count (gradients of skinny matrices split their long dimension), so the
+# build pins it: the same model on a laptop, a 64-core node or a 1-CPU SLURM task (on the same CPU kind).
+BUILD_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,9 @@ def build_tiny(spec: TinySpec | None = None, progress: bool = True) -> Path:
             return out
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        info = _build_tiny_into(spec, tmp, progress)
+        from bench.runner import torch_threads
+        with torch_threads(BUILD_THREADS):
+            info = _build_tiny_into(spec, tmp, progress)
         atomic_write_json(tmp / "build_info.json", info)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -179,7 +184,7 @@ def _build_tiny_into(spec: TinySpec, path: Path, progress: bool) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     return {"spec": asdict(spec), "key": spec.key(), "sft_steps": step, "dev_accuracy": accuracy,
             "history": history, "parameters": n_params, "build_seconds": round(time.perf_counter() - t0, 1),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 # ---- loading -------------------------------------------------------------------------------------------------

@@ -207,6 +207,15 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def eval_memo_dir() -> Path | None:
+    """Where base-policy greedy completions are memoized (bench.generation.greedy_completions): the model cache's
+    evals/ folder; BENCH_EVAL_MEMO=0 turns it off."""
+    if os.environ.get("BENCH_EVAL_MEMO", "1") == "0":
+        return None
+    from bench.models import cache_root
+    return cache_root() / "evals"
+
+
 def run_threads(spec: RunSpec) -> int | None:
     """Torch threads for a run: BENCH_NUM_THREADS if set; else 1 for a model under 50M parameters on CPU (see
     bench.sweep.default_threads), wherever the run happens; else None (the process's setting)."""
@@ -350,7 +359,8 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
     eval_tokens = spec.max_completion_length
     t_eval = time.perf_counter()
-    base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch)
+    base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch,
+                           memo_dir=eval_memo_dir())  # shared by every run that starts from the same weights
     eval_seconds = time.perf_counter() - t_eval
 
     dataset = Dataset.from_list([{"prompt": to_prompt(e.question), "gold": e.gold} for e in train])
@@ -388,7 +398,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     out = _aggregate(rows)
     out.update({
         "status": "ok", "accuracy_base": base["accuracy"], "accuracy": final["accuracy"],
-        "accuracy_gain": final["accuracy"] - base["accuracy"],
+        "accuracy_gain": final["accuracy"] - base["accuracy"], "accuracy_base_memoized": base["memoized"],
         "accuracy_flexible_base": base["accuracy_flexible"], "accuracy_flexible": final["accuracy_flexible"],
         "eval_n": base["n"], "eval_seconds": round(eval_seconds, 3), "init_seconds": round(init_seconds, 4),
         "setup_seconds": round(setup_seconds, 3),

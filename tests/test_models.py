@@ -100,3 +100,31 @@ def test_merged_adapter_generation_matches_and_restores(tiny):
         fast = [tok.decode(x) for x in policy.generate(**enc, max_new_tokens=24, do_sample=False)]
     slow = [tok.decode(x) for x in policy.generate(**enc, max_new_tokens=24, do_sample=False)]
     assert fast == slow
+
+
+def _micro_build(tmp_path, monkeypatch, name, threads):
+    """A small TinySpec built from scratch under `threads` process threads; returns (weights bytes, build_info)."""
+    from bench import models
+    spec = TinySpec(num_hidden_layers=1, vocab_size=300, task_params={"n_train": 600, "n_dev": 8, "n_eval": 8},
+                    check_every=3, sft_max_steps=3, stop_accuracy=0.0, max_new_tokens=4)
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / name))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        path = models.build_tiny(spec, progress=False)
+        assert torch.get_num_threads() == threads  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(before)
+    return (path / "model.safetensors").read_bytes(), json.loads((path / "build_info.json").read_text())
+
+
+def test_build_pins_its_thread_count(tmp_path, monkeypatch):
+    from bench import models
+    one, info = _micro_build(tmp_path, monkeypatch, "a", 1)
+    three, _ = _micro_build(tmp_path, monkeypatch, "b", 3)
+    assert one == three and info["torch_threads"] == models.BUILD_THREADS
+    # the control: without the pin, the thread count reaches the weights (so the equality above is not vacuous)
+    monkeypatch.setattr(models, "BUILD_THREADS", None)
+    one, _ = _micro_build(tmp_path, monkeypatch, "c", 1)
+    three, _ = _micro_build(tmp_path, monkeypatch, "d", 3)
+    assert one != three
