@@ -20,6 +20,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
+from bench.runner import torch_threads
 
 
 def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat: bool, use_cpu: bool) -> GRPOConfig:
@@ -102,8 +103,9 @@ def trim_padding(mb: dict) -> None:
 
 
 class BenchGRPOTrainer(GRPOTrainer):
-    def __init__(self, *args, step_kl: StepKL | None = None, **kwargs):
+    def __init__(self, *args, step_kl: StepKL | None = None, forward_threads: int | None = None, **kwargs):
         self.phase_seconds: dict[str, float] = defaultdict(float)
+        self.forward_threads = forward_threads  # torch threads for no-grad forwards (runner.forward_threads)
         self.generated_tokens = 0
         self.step_kl = step_kl or StepKL()
         self.step_metrics: dict = {}
@@ -141,7 +143,7 @@ class BenchGRPOTrainer(GRPOTrainer):
     def _generate(self, prompts):
         # vLLM gets the weights through TRL's own adapter merge: folding the adapters in here would add them twice
         fold = nullcontext() if self.use_vllm else merged_adapters(self.accelerator.unwrap_model(self.model))
-        with self.timed("generation"), fold:
+        with self.timed("generation"), fold, torch_threads(self.forward_threads):
             out = super()._generate(prompts)
         self.generated_tokens += sum(len(ids) for ids in out[1])  # completion_ids_list
         return out
@@ -159,7 +161,7 @@ class BenchGRPOTrainer(GRPOTrainer):
         if self._skip_old_logps and not reference:  # TRL's old-log-prob forward (the first policy one): deferred
             self._skip_old_logps = False
             return None, None, None
-        with self.timed("reference" if reference else "policy"):
+        with self.timed("reference" if reference else "policy"), torch_threads(self.forward_threads):
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
 
     def _defers_old_logps(self) -> bool:
@@ -235,7 +237,7 @@ class BenchGRPOTrainer(GRPOTrainer):
         if self._step % self.current_gradient_accumulation_steps == 0 and self._step_first_batch is not None:
             b = self._step_first_batch  # parameters are still those before the optimizer step
             batch = RolloutBatch(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
-            with self.timed("metrics"):
+            with self.timed("metrics"), torch_threads(self.forward_threads):
                 self.step_metrics.update(self.step_kl.capture_before(model, batch, hidden=self._hidden))
             self._step_first_batch = self._hidden = None
         return loss

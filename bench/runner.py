@@ -124,7 +124,7 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kw):
         self.last = self._snapshot()
         if state.global_step == 0 and not self.rows:
-            with self.trainer.timed("metrics"):
+            with self.trainer.timed("metrics"), torch_threads(self.trainer.forward_threads):
                 m = self.probe.measure(model, self.tokenizer, self.reference)
             # before any update: no step has happened and no rollout exists yet
             self.rows.append({"step": 0, **m, "entropy": m["entropy_probe"], "kl_step": None, "reward": None})
@@ -135,7 +135,7 @@ class MetricsCallback(TrainerCallback):
         if not all(torch.isfinite(p).all() for p in self.reference.trainable()):
             raise Diverged(f"parameters not finite after step {state.global_step}")
         row = {"step": state.global_step}
-        with self.trainer.timed("metrics"):
+        with self.trainer.timed("metrics"), torch_threads(self.trainer.forward_threads):
             row.update(self.trainer.step_metrics)
             row.update(self.trainer.step_kl.after_step(model))
             if state.global_step % self.spec.probe_every == 0 or state.global_step == state.max_steps:
@@ -226,6 +226,48 @@ def run_threads(spec: RunSpec) -> int | None:
         return default_threads([spec])
     except BenchError:  # the model's configuration is unreadable: the run itself will say why
         return None
+
+
+# The cores this process may use for one run's no-grad forward passes: None = all of them (sweep._worker_init sets
+# a parallel worker's share).
+FORWARD_CORES: int | None = None
+MAX_FORWARD_THREADS = 4  # a cap, not a measurement: only 1 vs 2 threads was timed (bench.perf, README)
+
+
+def forward_threads(spec: RunSpec, model, tokenizer, prompts: list) -> int | None:
+    """Threads for the run's no-grad forward passes (rollout generation, old and reference log-probs, greedy evals,
+    metric forwards) where a small model runs with one thread (run_threads): the run's free cores. A forward pass
+    gives the same floats whatever the thread count (its matrix products split rows, never their sums; checked on
+    this model below), while gradients do not (LoRA weight gradients sum over tokens, split across threads), so
+    backward passes keep one thread and the metrics stay those of the run inside a parallel sweep. None: no split."""
+    if os.environ.get("BENCH_NUM_THREADS") or run_threads(spec) != 1:
+        return None
+    from bench.sweep import cpu_count
+    n = min(FORWARD_CORES or cpu_count(), MAX_FORWARD_THREADS)
+    if n <= 1 or not forward_is_thread_invariant(model, tokenizer, prompts, n):
+        return 1
+    return n
+
+
+@torch.no_grad()
+def forward_is_thread_invariant(model, tokenizer, prompts: list, n: int) -> bool:
+    """A short greedy generation (adapters folded, as for rollouts and evals) and a forward with the adapters
+    active, at one thread and at n: bitwise equal tokens and logits, or the run keeps one thread throughout."""
+    from bench.generation import eval_mode, generate
+    prompts = list(prompts)[:64]  # a generation batch's worth of rows
+
+    def once(threads):
+        with torch_threads(threads):
+            texts, out = generate(model, tokenizer, prompts, max_new_tokens=8, greedy=True, batch_size=len(prompts))
+            prompt_ids, prompt_mask, completion_ids = out["batches"][0]
+            with eval_mode(model):
+                ids = torch.cat([prompt_ids, completion_ids], 1)
+                mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
+                logits = model(input_ids=ids, attention_mask=mask).logits
+        return texts, logits
+
+    (texts_1, logits_1), (texts_n, logits_n) = once(1), once(n)
+    return texts_1 == texts_n and torch.equal(logits_1, logits_n)
 
 
 @contextmanager
@@ -358,9 +400,11 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     reference = InitialPolicy(policy)
     eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
     eval_tokens = spec.max_completion_length
+    fwd_threads = forward_threads(spec, policy, tokenizer, eval_prompts)
     t_eval = time.perf_counter()
-    base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch,
-                           memo_dir=eval_memo_dir())  # shared by every run that starts from the same weights
+    with torch_threads(fwd_threads):
+        base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch,
+                               memo_dir=eval_memo_dir())  # shared by every run that starts from the same weights
     eval_seconds = time.perf_counter() - t_eval
 
     dataset = Dataset.from_list([{"prompt": to_prompt(e.question), "gold": e.gold} for e in train])
@@ -382,7 +426,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     callback = MetricsCallback(metrics_path, probe, reference, tokenizer, spec, rows, bar)
     trainer = make_trainer(spec, method, params, policy, tokenizer, dataset, str(run_dir / "checkpoints"),
                            chat=to_prompt is chat_prompt, device=device, callbacks=[callback],
-                           log_path=run_dir / "run.log")
+                           log_path=run_dir / "run.log", forward_threads=fwd_threads)
     callback.trainer = trainer
     setup_seconds = time.perf_counter() - t_setup - init_seconds - eval_seconds
     try:
@@ -392,7 +436,8 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     if callback.stopped_at is not None and callback.stopped_at < spec.steps:
         raise Preempted(f"stopped at step {callback.stopped_at} on request; checkpoint saved, re-run to resume")
     t_eval = time.perf_counter()
-    final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch)
+    with torch_threads(fwd_threads):
+        final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch)
     eval_seconds += time.perf_counter() - t_eval
     save_trained(policy, run_dir, residual)
     out = _aggregate(rows)
@@ -401,7 +446,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         "accuracy_gain": final["accuracy"] - base["accuracy"], "accuracy_base_memoized": base["memoized"],
         "accuracy_flexible_base": base["accuracy_flexible"], "accuracy_flexible": final["accuracy_flexible"],
         "eval_n": base["n"], "eval_seconds": round(eval_seconds, 3), "init_seconds": round(init_seconds, 4),
-        "setup_seconds": round(setup_seconds, 3),
+        "setup_seconds": round(setup_seconds, 3), "forward_threads": fwd_threads or torch.get_num_threads(),
         "trainable_params": trainable_parameters(policy),
         "device": device, "resumed_from": checkpoint.name if checkpoint else None,
     })

@@ -127,6 +127,8 @@ def _worker_init(threads: int, steps_queue) -> None:
     global _STEPS
     warnings.filterwarnings("ignore", category=FutureWarning)  # as bench.cli.main: transformers 5.x notices, per run
     torch.set_num_threads(threads)  # the worker's share of the cores; run_one may pin fewer (runner.run_threads)
+    from bench import runner
+    runner.FORWARD_CORES = threads  # and no more for its no-grad forwards (runner.forward_threads)
     _STEPS = steps_queue
 
 

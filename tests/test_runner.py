@@ -127,3 +127,24 @@ def test_nan_gradients_are_recorded_as_diverged(tmp_path, tiny):
         del METHODS["nan_test"]
     assert s["status"] == "diverged" and "not finite" in s["error"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_forward_threads_use_free_cores_only_where_forwards_are_thread_invariant(tmp_path, tiny, monkeypatch):
+    from bench import runner
+    from bench.models import load_policy
+    from bench.sweep import cpu_count
+    from tasks import get_task, plain_prompt
+    spec = RunSpec(method="kl_free_lora", rank=4, **SMALL)
+    model, tok = load_policy("tiny")
+    prompts = [plain_prompt(e.question) for e in get_task("synth-gsm").examples("eval")[:16]]
+    if cpu_count() >= 2:  # this model's forwards give the same floats at 1 and 2 threads (greedy tokens, logits)
+        assert runner.forward_is_thread_invariant(model, tok, prompts, 2)
+    monkeypatch.setattr(runner, "FORWARD_CORES", 2)
+    assert runner.forward_threads(spec, model, tok, prompts) == 2
+    monkeypatch.setattr(runner, "FORWARD_CORES", 1)  # a parallel worker's share
+    assert runner.forward_threads(spec, model, tok, prompts) == 1
+    monkeypatch.setattr(runner, "FORWARD_CORES", 2)
+    monkeypatch.setattr(runner, "forward_is_thread_invariant", lambda *a: False)  # a CPU where they differ
+    assert runner.forward_threads(spec, model, tok, prompts) == 1
+    monkeypatch.setenv("BENCH_NUM_THREADS", "2")  # pinned by the user: every pass, no split
+    assert runner.forward_threads(spec, model, tok, prompts) is None

@@ -35,14 +35,22 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_parallel_sweep_equals_sequential(tmp_path, tiny, one_thread):
+def test_parallel_sweep_equals_sequential(tmp_path, tiny):
+    """The default thread rule on both sides: one thread per run; alone, the no-grad forwards use the free cores
+    (runner.forward_threads), in a two-worker sweep they cannot."""
     specs = _specs()
     seq = run_sweep(specs, tmp_path / "seq", progress=False, jobs=1)
     par = run_sweep(specs, tmp_path / "par", progress=False, jobs=2)
     assert list(seq.status) == ["ok", "ok"] and list(par.status) == ["ok", "ok"]
     for s in specs:
         assert _measured(tmp_path / "par" / s.run_id) == _measured(tmp_path / "seq" / s.run_id), s.run_id
-        assert read_json(tmp_path / "par" / s.run_id / "config.json")["machine"]["torch_threads"] == 1
+        for side in ("seq", "par"):
+            assert read_json(tmp_path / side / s.run_id / "config.json")["machine"]["torch_threads"] == 1
+        seq_s, par_s = (read_json(tmp_path / side / s.run_id / "summary.json") for side in ("seq", "par"))
+        assert par_s["forward_threads"] == max(1, cpu_count() // 2)
+        assert seq_s["forward_threads"] == min(cpu_count(), 4)
+        for key in ("accuracy_base", "accuracy", "kl_ref", "kl_step", "entropy", "reward"):
+            assert seq_s[key] == par_s[key], key
     assert (tmp_path / "par" / "summary.csv").is_file() and (tmp_path / "par" / "tables.md").is_file()
 
 
