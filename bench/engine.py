@@ -221,6 +221,11 @@ class BenchGRPOTrainer(GRPOTrainer):
                 self._hidden = hidden[:self.step_kl.max_seqs].detach()
         return backbone.register_forward_hook(keep)
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # the training forward; its backward runs afterwards (Trainer.training_step) at the run's own thread count
+        with torch_threads(self.forward_threads):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch):
         t0, prep0 = time.perf_counter(), self._prep_seconds
         hook = None

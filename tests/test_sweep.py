@@ -38,10 +38,10 @@ def one_thread(monkeypatch):
 def test_parallel_sweep_equals_sequential(tmp_path, tiny):
     """The default thread rule on both sides: one thread per run; alone, the no-grad forwards use the free cores
     (runner.forward_threads), in a two-worker sweep they cannot."""
-    specs = _specs()
+    specs = _specs() + [RunSpec(method=m, rank=4, **SMALL) for m in ("proma_intra", "geora")]  # hooks; residual
     seq = run_sweep(specs, tmp_path / "seq", progress=False, jobs=1)
     par = run_sweep(specs, tmp_path / "par", progress=False, jobs=2)
-    assert list(seq.status) == ["ok", "ok"] and list(par.status) == ["ok", "ok"]
+    assert list(seq.status) == ["ok"] * 4 and list(par.status) == ["ok"] * 4
     for s in specs:
         assert _measured(tmp_path / "par" / s.run_id) == _measured(tmp_path / "seq" / s.run_id), s.run_id
         for side in ("seq", "par"):
