@@ -20,7 +20,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
-from bench.runner import torch_threads
+from bench.threads import torch_threads
 
 
 def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat: bool, use_cpu: bool) -> GRPOConfig:
@@ -105,7 +105,7 @@ def trim_padding(mb: dict) -> None:
 class BenchGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, step_kl: StepKL | None = None, forward_threads: int | None = None, **kwargs):
         self.phase_seconds: dict[str, float] = defaultdict(float)
-        self.forward_threads = forward_threads  # torch threads for no-grad forwards (runner.forward_threads)
+        self.forward_threads = forward_threads  # torch threads for forward passes (runner.forward_threads)
         self.generated_tokens = 0
         self.step_kl = step_kl or StepKL()
         self.step_metrics: dict = {}

@@ -91,9 +91,13 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, greedy: bool = True
 
 def acting_weights_digest(model) -> str:
     """sha256 of every tensor the model's generation reads: the weights as `generate` uses them (adapters folded into
-    their base weights where merged_adapters folds them, else the adapters too), buffers included."""
+    their base weights where merged_adapters folds them, else the adapters and their configuration too), and the
+    persistent buffers (the others derive from the configuration)."""
     digest = hashlib.sha256()
     with torch.no_grad(), merged_adapters(model) as folded:
+        if not folded and hasattr(model, "peft_config"):  # adapters act: their scaling (alpha, rslora) too
+            digest.update(json.dumps({k: v.to_dict() for k, v in model.peft_config.items()}, sort_keys=True,
+                                     default=str).encode())
         for name, tensor in model.state_dict(keep_vars=False).items():
             if folded and ".lora_" in name:  # adapters are off while folded: they do not act
                 continue
@@ -117,10 +121,38 @@ def _eval_memo_key(model, tokenizer, prompts, max_new_tokens: int, batch_size: i
         sorted(tokenizer.get_vocab().items()))
     parts = [acting_weights_digest(model), model.config.to_json_string(), model.generation_config.to_json_string(),
              str(getattr(model.config, "_attn_implementation", None)), tok, tokenizer.padding_side,
-             repr(tokenizer.pad_token_id), repr(tokenizer.eos_token_id), json.dumps(list(prompts)),
-             str(max_new_tokens), str(batch_size), device.type, str(torch.get_num_threads()), torch.__version__,
-             transformers.__version__, inspect.getsource(sys.modules[__name__])]
+             repr(tokenizer.pad_token_id), repr(tokenizer.eos_token_id), repr(getattr(tokenizer, "chat_template", None)),
+             repr(getattr(tokenizer, "clean_up_tokenization_spaces", None)), json.dumps(list(prompts), default=str),
+             str(max_new_tokens), str(batch_size), str(torch.get_num_threads()), *_hardware(device),
+             torch.__version__, transformers.__version__, _peft_version(), inspect.getsource(sys.modules[__name__])]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
+
+
+def _hardware(device) -> list[str]:
+    """What the floats of the same program depend on across machines sharing one cache: the CPU kind and the kernels
+    torch picks for it, or the GPU, its libraries and matmul precision settings."""
+    import os
+    import platform
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out = [device.type, platform.machine(), cpu, torch.backends.cpu.get_cpu_capability(),
+           os.environ.get("MKL_CBWR", ""), os.environ.get("ATEN_CPU_CAPABILITY", ""),
+           torch.get_float32_matmul_precision()]
+    if device.type == "cuda":
+        out += [torch.cuda.get_device_name(device), str(torch.version.cuda), str(torch.backends.cudnn.version()),
+                str(torch.backends.cuda.matmul.allow_tf32), str(torch.backends.cudnn.allow_tf32)]
+    return out
+
+
+def _peft_version() -> str:
+    try:
+        import peft
+        return peft.__version__
+    except ImportError:
+        return ""
 
 
 def greedy_completions(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 256,

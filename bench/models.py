@@ -22,7 +22,7 @@ import torch
 from bench.errors import BenchError
 from bench.io import atomic_write_json
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: built with BUILD_THREADS threads on every machine
 EOS = "<|endoftext|>"
 # CPU float sums depend on the torch thread count (gradients of skinny matrices split their long dimension), so the
 # build pins it: the same model on a laptop, a 64-core node or a 1-CPU SLURM task (on the same CPU kind).
@@ -118,7 +118,7 @@ def build_tiny(spec: TinySpec | None = None, progress: bool = True) -> Path:
             return out
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        from bench.runner import torch_threads
+        from bench.threads import torch_threads
         with torch_threads(BUILD_THREADS):
             info = _build_tiny_into(spec, tmp, progress)
         atomic_write_json(tmp / "build_info.json", info)

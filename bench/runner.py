@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from transformers import TrainerCallback
 from bench.errors import BenchError
 from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
 from bench.spec import RunSpec, stored_key
+from bench.threads import torch_threads
 
 DONE = ("ok", "diverged")  # finished states; a `failed` run is retried when the sweep is re-run
 
@@ -228,58 +228,64 @@ def run_threads(spec: RunSpec) -> int | None:
         return None
 
 
-# The cores this process may use for one run's no-grad forward passes: None = all of them (sweep._worker_init sets
-# a parallel worker's share).
+# The cores this process may use for one run's forward passes: None = all of them (sweep._worker_init sets a
+# parallel worker's share).
 FORWARD_CORES: int | None = None
 MAX_FORWARD_THREADS = 4  # a cap, not a measurement: only 1 vs 2 threads was timed (bench.perf, README)
 
 
 def forward_threads(spec: RunSpec, model, tokenizer, prompts: list) -> int | None:
-    """Threads for the run's no-grad forward passes (rollout generation, old and reference log-probs, greedy evals,
-    metric forwards) where a small model runs with one thread (run_threads): the run's free cores. A forward pass
-    gives the same floats whatever the thread count (its matrix products split rows, never their sums; checked on
-    this model below), while gradients do not (LoRA weight gradients sum over tokens, split across threads), so
-    backward passes keep one thread and the metrics stay those of the run inside a parallel sweep. None: no split."""
+    """Threads for the run's forward passes (rollout generation, old and reference log-probs, the training forward,
+    greedy evals, metric forwards) where a small model runs with one thread (run_threads): the run's free cores.
+    Backward passes keep the run's one thread: LoRA weight gradients sum over tokens, and those sums are split
+    across threads. Used only where forward_is_thread_invariant holds on this model and machine, so the metrics stay
+    those of the same run inside a parallel sweep. None: no split."""
+    if os.environ.get("BENCH_FORWARD_THREADS"):
+        return int(os.environ["BENCH_FORWARD_THREADS"])
     if os.environ.get("BENCH_NUM_THREADS") or run_threads(spec) != 1:
         return None
     from bench.sweep import cpu_count
     n = min(FORWARD_CORES or cpu_count(), MAX_FORWARD_THREADS)
-    if n <= 1 or not forward_is_thread_invariant(model, tokenizer, prompts, n):
+    if n <= 1 or not forward_is_thread_invariant(model, tokenizer, prompts, n, spec.temperature):
         return 1
     return n
 
 
-@torch.no_grad()
-def forward_is_thread_invariant(model, tokenizer, prompts: list, n: int) -> bool:
-    """A short greedy generation (adapters folded, as for rollouts and evals) and a forward with the adapters
-    active, at one thread and at n: bitwise equal tokens and logits, or the run keeps one thread throughout."""
+def forward_is_thread_invariant(model, tokenizer, prompts: list, n: int, temperature: float = 1.0) -> bool:
+    """Whether forwards on n threads give this model's one-thread floats, checked bitwise on what the run does: a
+    short greedy generation (adapters folded, as for rollouts and evals) and a logits forward; and TRL's training
+    path, the backbone forward with gradients and TRL's fused log-prob head (pinned trl 1.16), on n threads, with
+    its backward on one thread: log-probs, entropies and every gradient."""
+    from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+
     from bench.generation import eval_mode, generate
     prompts = list(prompts)[:64]  # a generation batch's worth of rows
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone, head = base.get_decoder(), base.get_output_embeddings()
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def once(threads):
-        with torch_threads(threads):
+        with torch_threads(threads), torch.no_grad():
             texts, out = generate(model, tokenizer, prompts, max_new_tokens=8, greedy=True, batch_size=len(prompts))
             prompt_ids, prompt_mask, completion_ids = out["batches"][0]
+            ids = torch.cat([prompt_ids, completion_ids], 1)
+            mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
             with eval_mode(model):
-                ids = torch.cat([prompt_ids, completion_ids], 1)
-                mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
                 logits = model(input_ids=ids, attention_mask=mask).logits
-        return texts, logits
+        rows = slice(0, 16)  # a micro-batch
+        with eval_mode(model), torch.enable_grad():
+            with torch_threads(threads):
+                hidden = backbone(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state[:, :-1]
+                fused = _ChunkedLogProbFunction.apply(
+                    hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, ids[rows, 1:].reshape(-1),
+                    temperature, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, OPTIONAL_OUTPUTS)
+            loss = (fused[0] * mask[rows, 1:].reshape(-1)).sum() + fused[1].sum()
+            grads = torch.autograd.grad(loss, trainable) if trainable and loss.requires_grad else ()
+        return texts, [logits, *(t for t in fused if t is not None), *grads]
 
-    (texts_1, logits_1), (texts_n, logits_n) = once(1), once(n)
-    return texts_1 == texts_n and torch.equal(logits_1, logits_n)
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """CPU float sums depend on the thread count: the run uses n threads, and the caller gets its own back."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    (texts_1, tensors_1), (texts_n, tensors_n) = once(1), once(n)
+    return texts_1 == texts_n and all(torch.equal(a, b) for a, b in zip(tensors_1, tensors_n))
 
 
 def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None) -> dict:

@@ -64,10 +64,14 @@ def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int 
 
 
 def cpu_count() -> int:
+    """The cores this process may use: its CPU affinity, and inside a SLURM job step no more than it was allocated
+    (clusters without task binding let a task see every core of the node)."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(n, int(allocated)) if allocated.isdigit() and int(allocated) > 0 else n
 
 
 # A model this small does not use several cores for one run (tiny matrices, Python-bound decoding): on CPU, its
@@ -128,7 +132,7 @@ def _worker_init(threads: int, steps_queue) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # as bench.cli.main: transformers 5.x notices, per run
     torch.set_num_threads(threads)  # the worker's share of the cores; run_one may pin fewer (runner.run_threads)
     from bench import runner
-    runner.FORWARD_CORES = threads  # and no more for its no-grad forwards (runner.forward_threads)
+    runner.FORWARD_CORES = threads  # and no more for its forwards (runner.forward_threads)
     _STEPS = steps_queue
 
 

@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["BENCH_EVAL_MEMO"] = "0"  # every test evaluates afresh (the memo has its own tests: test_generation.py)
+for name in ("BENCH_NUM_THREADS", "BENCH_FORWARD_THREADS"):  # the tests set thread counts themselves
+    os.environ.pop(name, None)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GSM8K_DIR = SHARED / "data" / "gsm8k"

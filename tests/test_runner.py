@@ -137,8 +137,12 @@ def test_forward_threads_use_free_cores_only_where_forwards_are_thread_invariant
     spec = RunSpec(method="kl_free_lora", rank=4, **SMALL)
     model, tok = load_policy("tiny")
     prompts = [plain_prompt(e.question) for e in get_task("synth-gsm").examples("eval")[:16]]
-    if cpu_count() >= 2:  # this model's forwards give the same floats at 1 and 2 threads (greedy tokens, logits)
-        assert runner.forward_is_thread_invariant(model, tok, prompts, 2)
+    # this model's forwards give the same floats at 1 and 2 threads (greedy tokens, logits, TRL's fused head with
+    # its one-thread backward); a LoRA policy as in a run
+    policy = runner_policy(model)
+    assert runner.forward_is_thread_invariant(policy, tok, prompts, 2)
+    # the check is not vacuous: gradients on two threads (the backward included) differ from one thread's
+    assert not _two_thread_backward_is_invariant(policy, tok, prompts)
     monkeypatch.setattr(runner, "FORWARD_CORES", 2)
     assert runner.forward_threads(spec, model, tok, prompts) == 2
     monkeypatch.setattr(runner, "FORWARD_CORES", 1)  # a parallel worker's share
@@ -148,3 +152,31 @@ def test_forward_threads_use_free_cores_only_where_forwards_are_thread_invariant
     assert runner.forward_threads(spec, model, tok, prompts) == 1
     monkeypatch.setenv("BENCH_NUM_THREADS", "2")  # pinned by the user: every pass, no split
     assert runner.forward_threads(spec, model, tok, prompts) is None
+    monkeypatch.setenv("BENCH_FORWARD_THREADS", "3")  # or the forwards' own count, unchecked
+    assert runner.forward_threads(spec, model, tok, prompts) == 3
+
+
+def runner_policy(model):
+    from bench.policy import build_policy
+    from methods import get_method
+    method = get_method("kl_free_lora")
+    policy = build_policy(model, method, 16, 16, 0, method.resolve_params({}), 0.0)
+    with torch.no_grad():  # a trained adapter: B != 0, so every LoRA gradient is nonzero
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    return policy
+
+
+
+def _two_thread_backward_is_invariant(policy, tok, prompts):
+    """LoRA gradients of one micro-batch, forward and backward both on 1 thread vs both on 2: equal?"""
+    from bench.threads import torch_threads
+    ids = tok(prompts[:16], return_tensors="pt", padding=True)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+
+    def grads(n):
+        with torch_threads(n):
+            logits = policy(**ids).logits
+            return torch.autograd.grad(torch.log_softmax(logits, -1)[..., 7].sum(), trainable)
+    return all(torch.equal(a, b) for a, b in zip(grads(1), grads(2)))

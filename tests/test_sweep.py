@@ -35,11 +35,13 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_parallel_sweep_equals_sequential(tmp_path, tiny):
-    """The default thread rule on both sides: one thread per run; alone, the no-grad forwards use the free cores
-    (runner.forward_threads), in a two-worker sweep they cannot."""
+def test_parallel_sweep_equals_sequential(tmp_path, tiny, monkeypatch):
+    """One thread per run on both sides (the default rule); the forward passes on two threads in the sequential
+    sweep (as a run alone on two cores has them, runner.forward_threads) and on one in the parallel one."""
     specs = _specs() + [RunSpec(method=m, rank=4, **SMALL) for m in ("proma_intra", "geora")]  # hooks; residual
+    monkeypatch.setenv("BENCH_FORWARD_THREADS", "2")
     seq = run_sweep(specs, tmp_path / "seq", progress=False, jobs=1)
+    monkeypatch.setenv("BENCH_FORWARD_THREADS", "1")  # the spawned workers inherit it
     par = run_sweep(specs, tmp_path / "par", progress=False, jobs=2)
     assert list(seq.status) == ["ok"] * 4 and list(par.status) == ["ok"] * 4
     for s in specs:
@@ -47,8 +49,7 @@ def test_parallel_sweep_equals_sequential(tmp_path, tiny):
         for side in ("seq", "par"):
             assert read_json(tmp_path / side / s.run_id / "config.json")["machine"]["torch_threads"] == 1
         seq_s, par_s = (read_json(tmp_path / side / s.run_id / "summary.json") for side in ("seq", "par"))
-        assert par_s["forward_threads"] == max(1, cpu_count() // 2)
-        assert seq_s["forward_threads"] == min(cpu_count(), 4)
+        assert (seq_s["forward_threads"], par_s["forward_threads"]) == (2, 1)
         for key in ("accuracy_base", "accuracy", "kl_ref", "kl_step", "entropy", "reward"):
             assert seq_s[key] == par_s[key], key
     assert (tmp_path / "par" / "summary.csv").is_file() and (tmp_path / "par" / "tables.md").is_file()
@@ -104,3 +105,12 @@ def test_parameter_count_matches_the_built_model(tiny):
     from transformers import AutoConfig, AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny)
     assert _parameter_count(AutoConfig.from_pretrained(tiny)) == sum(p.numel() for p in model.parameters())
+
+
+def test_cpu_count_respects_a_slurm_allocation(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    cores = cpu_count()
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # a task/none cluster lets the task see every core
+    assert cpu_count() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(cores + 8))  # never more than the affinity allows
+    assert cpu_count() == cores
