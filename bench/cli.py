@@ -196,6 +196,9 @@ def cmd_run(args) -> int:
     from bench.sweep import check_writable, run_sweep
     options = resolve_run_options(args)
     specs = build_specs(options)
+    from bench.threads import env_threads
+    for name in ("BENCH_NUM_THREADS", "BENCH_FORWARD_THREADS"):
+        env_threads(name)  # a bad value stops here, before any training
     out = Path(options["out"] or Path("results") / f"{options['task']}-{Path(options['model']).name}")
     check_writable(out)
     from bench.models import resolve_model_path

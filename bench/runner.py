@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from bench.errors import BenchError
 from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
 from bench.spec import RunSpec, stored_key
-from bench.threads import torch_threads
+from bench.threads import env_threads, torch_threads
 
 DONE = ("ok", "diverged")  # finished states; a `failed` run is retried when the sweep is re-run
 
@@ -219,8 +219,8 @@ def eval_memo_dir() -> Path | None:
 def run_threads(spec: RunSpec) -> int | None:
     """Torch threads for a run: BENCH_NUM_THREADS if set; else 1 for a model under 50M parameters on CPU (see
     bench.sweep.default_threads), wherever the run happens; else None (the process's setting)."""
-    if os.environ.get("BENCH_NUM_THREADS"):
-        return int(os.environ["BENCH_NUM_THREADS"])
+    if env_threads("BENCH_NUM_THREADS"):
+        return env_threads("BENCH_NUM_THREADS")
     from bench.sweep import default_threads
     try:
         return default_threads([spec])
@@ -240,9 +240,9 @@ def forward_threads(spec: RunSpec, model, tokenizer, prompts: list) -> int | Non
     Backward passes keep the run's one thread: LoRA weight gradients sum over tokens, and those sums are split
     across threads. Used only where forward_is_thread_invariant holds on this model and machine, so the metrics stay
     those of the same run inside a parallel sweep. None: no split."""
-    if os.environ.get("BENCH_FORWARD_THREADS"):
-        return int(os.environ["BENCH_FORWARD_THREADS"])
-    if os.environ.get("BENCH_NUM_THREADS") or run_threads(spec) != 1:
+    if env_threads("BENCH_FORWARD_THREADS"):
+        return env_threads("BENCH_FORWARD_THREADS")
+    if env_threads("BENCH_NUM_THREADS") or run_threads(spec) != 1:
         return None
     from bench.sweep import cpu_count
     n = min(FORWARD_CORES or cpu_count(), MAX_FORWARD_THREADS)

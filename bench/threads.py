@@ -16,3 +16,16 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def env_threads(name: str) -> int | None:
+    """A thread count from the environment (BENCH_NUM_THREADS, BENCH_FORWARD_THREADS): None where unset."""
+    import os
+
+    from bench.errors import BenchError
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise BenchError(f"bad {name} {value!r}: must be a positive integer")
+    return int(value)

@@ -48,6 +48,13 @@ def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_one_line_error(bench(*args), *fragments)
 
 
+@pytest.mark.parametrize("name,value", [("BENCH_NUM_THREADS", "two"), ("BENCH_FORWARD_THREADS", "0")])
+def test_bad_thread_count_in_the_environment(tmp_path, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    assert_one_line_error(bench("run", "--out", str(tmp_path / "out")), f"bad {name} '{value}'", "positive integer")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_method_params_go_to_the_methods_that_have_them():
     from bench.cli import method_params_per_method
     from bench.errors import BenchError
