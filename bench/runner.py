@@ -219,8 +219,8 @@ def eval_memo_dir() -> Path | None:
 def run_threads(spec: RunSpec) -> int | None:
     """Torch threads for a run: BENCH_NUM_THREADS if set; else 1 for a model under 50M parameters on CPU (see
     bench.sweep.default_threads), wherever the run happens; else None (the process's setting)."""
-    if env_threads("BENCH_NUM_THREADS"):
-        return env_threads("BENCH_NUM_THREADS")
+    if pinned := env_threads("BENCH_NUM_THREADS"):
+        return pinned
     from bench.sweep import default_threads
     try:
         return default_threads([spec])
@@ -240,8 +240,8 @@ def forward_threads(spec: RunSpec, model, tokenizer, prompts: list) -> int | Non
     Backward passes keep the run's one thread: LoRA weight gradients sum over tokens, and those sums are split
     across threads. Used only where forward_is_thread_invariant holds on this model and machine, so the metrics stay
     those of the same run inside a parallel sweep. None: no split."""
-    if env_threads("BENCH_FORWARD_THREADS"):
-        return env_threads("BENCH_FORWARD_THREADS")
+    if pinned := env_threads("BENCH_FORWARD_THREADS"):
+        return pinned
     if env_threads("BENCH_NUM_THREADS") or run_threads(spec) != 1:
         return None
     from bench.sweep import cpu_count
