@@ -212,8 +212,14 @@ def cmd_run(args) -> int:
     if args.executor != "local":
         raise BenchError(f"unknown --executor {args.executor!r}; valid: local, slurm")
     df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
+    held = df.attrs.get("held", [])
+    if not df.empty:
+        df = df[~df.run_id.isin(held)]  # another process is running these: their summary.json is not final
     counts = df.status.value_counts().to_dict()
     print(f"{len(df)} runs in {out}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if held:
+        print(f"{len(held)} run(s) left to another process running them (e.g. {held[0]}); "
+              f"re-run this command when it is done to collect them")
     print(f"tables: {out / 'tables.md'}  summary: {out / 'summary.csv'}")
     return 1 if counts.get("failed") else 0
 

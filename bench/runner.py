@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from bench.errors import BenchError
 from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
+from bench.runlock import RunHeld, run_lock
 from bench.spec import RunSpec, stored_key
 from bench.threads import env_threads, torch_threads
 
@@ -288,20 +289,48 @@ def forward_is_thread_invariant(model, tokenizer, prompts: list, n: int, tempera
     return texts_1 == texts_n and all(torch.equal(a, b) for a, b in zip(tensors_1, tensors_n))
 
 
+def check_run_dir(spec: RunSpec, run_dir: Path) -> dict | None:
+    """What run_dir holds for this spec: its finished summary (None: nothing finished yet). A directory that holds
+    another configuration, or whose config.json cannot be read, is a BenchError: its checkpoints cannot be told
+    apart from this run's. A summary.json that cannot be read (cut by a crash or a full disk) is not a finished run:
+    the run is resumed or re-run, and the summary rewritten."""
+    config_path, summary_path = run_dir / "config.json", run_dir / "summary.json"
+    if config_path.is_file():
+        try:
+            key = stored_key(read_json(config_path))
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            raise BenchError(f"{config_path} is unreadable (cut short or not a run's config): cannot tell which run "
+                             f"{run_dir} holds; move or delete that directory to run {spec.run_id} again") from None
+        if key != spec.key():
+            raise BenchError(f"{run_dir} holds run {spec.run_id} with a different configuration; use another --out")
+    if summary_path.is_file():
+        try:
+            old = read_json(summary_path)
+        except (OSError, ValueError):
+            return None
+        if isinstance(old, dict) and old.get("status") in DONE:
+            return old
+    return None
+
+
 def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None) -> dict:
-    """Run (or skip, or resume) one run; always leaves a summary.json with its status.
+    """Run (or skip, or resume) one run; always leaves a summary.json with its status. A run that another process
+    is running (it holds the run directory's lock, bench.runlock) is left to it: the returned status is `held`,
+    and nothing in the directory is touched.
     bar: an object with tqdm's update/set_postfix/close to report steps to instead of a bar of its own."""
     run_dir = Path(run_dir)
-    summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
-    if config_path.is_file() and stored_key(read_json(config_path)) != spec.key():
-        raise BenchError(f"{run_dir} holds run {spec.run_id} with a different configuration; use another --out")
-    if summary_path.is_file():
-        old = read_json(summary_path)
-        if old.get("status") in DONE:
-            return old
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with torch_threads(run_threads(spec)):  # before config.json records the thread count
-        return _run_one(spec, run_dir, progress, position, bar)
+    if (finished := check_run_dir(spec, run_dir)) is not None:
+        return finished
+    try:
+        with run_lock(run_dir):
+            # checked again under the lock: another process may have finished it in the meantime
+            if (finished := check_run_dir(spec, run_dir)) is not None:
+                return finished
+            with torch_threads(run_threads(spec)):  # before config.json records the thread count
+                return _run_one(spec, run_dir, progress, position, bar)
+    except RunHeld as held:
+        return {"run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed,
+                "status": "held", "error": f"being run by another process ({held.holder}); left to it"}
 
 
 def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -> dict:
@@ -337,10 +366,18 @@ def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -
         summary.update(status="failed", error=f"{type(e).__name__}: {e}".strip().splitlines()[0][:500])
         atomic_write_text(run_dir / "error.log", traceback.format_exc())
     summary["run_seconds"] = round(time.perf_counter() - t0, 2)
+    _remove_if_empty(run_dir / "checkpoints")  # a run that failed before its first checkpoint
     if summary["status"] != "ok" and (run_dir / "metrics.jsonl").is_file():
         summary.update(_aggregate(read_jsonl(run_dir / "metrics.jsonl")))
     atomic_write_json(summary_path, summary)
     return summary
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or not empty
+        pass
 
 
 def _aggregate(rows: list[dict]) -> dict:
@@ -436,7 +473,13 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     callback.trainer = trainer
     setup_seconds = time.perf_counter() - t_setup - init_seconds - eval_seconds
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if done_steps >= spec.steps:
+            # The budget was trained before the process died (in the final eval or while saving): only load the
+            # last checkpoint's weights, as train() would on resume. train() itself would take one more step:
+            # the Trainer checks max_steps only after a step.
+            trainer._load_from_checkpoint(str(checkpoint))  # transformers' own loader (pinned 5.24)
+        else:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         bar.close()
     if callback.stopped_at is not None and callback.stopped_at < spec.steps:

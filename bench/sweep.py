@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -47,20 +48,33 @@ def check_writable(out: Path) -> None:
 
 def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
     """Run the grid: in this process (jobs 1) or in `jobs` worker processes of cpu_count // jobs threads (a run
-    may pin fewer: runner.run_threads)."""
-    check_writable(out)
-    if jobs > 1 and len(specs) > 1:
-        _run_parallel(specs, out, progress, min(jobs, len(specs)))
-        return collect(out)
+    may pin fewer: runner.run_threads). Every run directory is checked before the first run starts. Runs that
+    another process is running (another invocation on the same --out) are left to it, said on stderr, and listed
+    in the returned table's attrs["held"]."""
     from tqdm.auto import tqdm
 
-    from bench.runner import run_one
-    bar = tqdm(specs, desc="runs", position=0, disable=not progress)
-    for spec in bar:
-        bar.set_postfix_str(spec.run_id)
-        run_one(spec, out / spec.run_id, progress=progress, position=1)
-        collect(out)
-    return collect(out)
+    from bench.runner import check_run_dir
+    check_writable(out)
+    for spec in specs:  # a conflicting or unreadable run directory stops the sweep before any training
+        check_run_dir(spec, out / spec.run_id)
+    held = []
+
+    def finished(spec: RunSpec, summary: dict) -> None:
+        if summary.get("status") == "held":
+            held.append(spec.run_id)
+            tqdm.write(f"{spec.run_id}: {summary['error']}", file=sys.stderr)
+    if jobs > 1 and len(specs) > 1:
+        _run_parallel(specs, out, progress, min(jobs, len(specs)), finished)
+    else:
+        from bench.runner import run_one
+        bar = tqdm(specs, desc="runs", position=0, disable=not progress)
+        for spec in bar:
+            bar.set_postfix_str(spec.run_id)
+            finished(spec, run_one(spec, out / spec.run_id, progress=progress, position=1))
+            collect(out)
+    df = collect(out)
+    df.attrs["held"] = held
+    return df
 
 
 def cpu_count() -> int:
@@ -149,12 +163,13 @@ class _QueueBar:
         pass
 
 
-def _run_in_worker(spec_dict: dict, run_dir: str) -> str:
+def _run_in_worker(spec_dict: dict, run_dir: str) -> dict:
     from bench.runner import run_one
-    return run_one(RunSpec.from_dict(spec_dict), Path(run_dir), progress=False, bar=_QueueBar()).get("status")
+    summary = run_one(RunSpec.from_dict(spec_dict), Path(run_dir), progress=False, bar=_QueueBar())
+    return {"status": summary.get("status"), "error": summary.get("error")}
 
 
-def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int) -> None:
+def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, finished) -> None:
     """Runs in `jobs` spawned worker processes (fresh interpreters, each reused for several runs). A worker that
     dies (e.g. killed for memory) breaks the pool: the runs then underway are retried one at a time, so that the
     one that kills its worker again is recorded failed and the sweep goes on."""
@@ -175,7 +190,8 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int) ->
     drainer = threading.Thread(target=drain, daemon=True)
     drainer.start()
 
-    def done(spec):
+    def done(spec, summary: dict):
+        finished(spec, summary)
         runs_bar.update(1)
         collect(out)
     try:
@@ -189,8 +205,7 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int) ->
             todo = [s for s in broken if s not in suspects]
             for spec in suspects:  # alone in a pool of one: a second death is this run's own
                 if _pool_run([spec], out, ctx, 1, threads, steps_queue, done):
-                    _record_crash(spec, out)
-                    done(spec)
+                    done(spec, _record_crash(spec, out))
     finally:
         steps_queue.put(None)
         drainer.join(timeout=5)
@@ -213,22 +228,24 @@ def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done)
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
                 try:
-                    f.result()
+                    summary = f.result()
                 except BrokenProcessPool:
                     broken.append(futures[f])
                     continue
-                done(futures[f])
+                done(futures[f], summary)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return broken
 
 
-def _record_crash(spec: RunSpec, out: Path) -> None:
+def _record_crash(spec: RunSpec, out: Path) -> dict:
     from bench.io import atomic_write_json
     (out / spec.run_id).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / spec.run_id / "summary.json", {
-        "run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed, "status": "failed",
-        "error": "its worker process died (killed, e.g. out of memory, or crashed in native code)"})
+    summary = {"run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed,
+               "status": "failed",
+               "error": "its worker process died (killed, e.g. out of memory, or crashed in native code)"}
+    atomic_write_json(out / spec.run_id / "summary.json", summary)
+    return summary
 def load_runs(out: Path, problems: list | None = None) -> pd.DataFrame:
     """One row per readable run summary; unreadable ones are named in `problems` and skipped."""
     rows = []
