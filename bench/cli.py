@@ -390,7 +390,9 @@ def cmd_status(args) -> int:
     if not rows:
         raise BenchError(f"{out}: no runs (no run directories and no SLURM submission record)")
     print_status(rows)
-    return 0
+    unreadable = [r for r in rows if r["state"] == "unreadable"]
+    _report_problems([f"{out / r['run_id'] / 'summary.json'}: {r['detail']}" for r in unreadable])
+    return 1 if unreadable else 0
 
 
 def _report_problems(problems: list[str]) -> None:
@@ -403,7 +405,10 @@ def cmd_report(args) -> int:
     out = Path(args.sweep)
     if not out.is_dir():
         raise BenchError(f"{out}: no such sweep directory")
-    sweep, info = write_report(out)
+    try:
+        sweep, info = write_report(out)
+    except OSError as e:
+        raise BenchError(f"{out}: cannot write the report: {e.strerror or e} ({getattr(e, 'filename', '')})") from None
     _report_problems(sweep.problems)
     if sweep.runs.empty:
         raise BenchError(f"{out}: nothing to report (no readable run summaries)")
@@ -425,7 +430,10 @@ def cmd_leaderboard(args) -> int:
         raise BenchError("nothing to rank: no readable run summaries in " + ", ".join(args.sweeps))
     board = leaderboard(sweep)
     csv = Path(args.csv)
-    atomic_write_text(csv, board.to_csv(index=False))
+    try:
+        atomic_write_text(csv, board.to_csv(index=False))
+    except OSError as e:
+        raise BenchError(f"--csv {csv}: cannot write: {e.strerror or e}") from None
     with pd_options():
         print(board.drop(columns=["sweeps"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"written: {csv} ({len(board)} rows from {len(sweep.runs)} runs)")
@@ -439,6 +447,16 @@ def pd_options():
 
 def cmd_eval(args) -> int:
     from bench.evaluate import evaluate_run
+    from bench.spec import DEVICE_PATTERN
+    for flag, value, least in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < least:
+            raise BenchError(f"bad {flag} {value}: must be >= {least}")
+    if not DEVICE_PATTERN.fullmatch(args.device):
+        raise BenchError(f"bad --device {args.device!r}; valid: auto, cpu, cuda, cuda:N")
+    check_device_available(args.device)
+    if not Path(args.run_dir).is_dir():
+        raise BenchError(f"{args.run_dir}: no such run directory")
     out = evaluate_run(Path(args.run_dir), limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                        device=args.device)
     print(f"{args.run_dir}: lm-eval {out['task']} ({out['n']} items, {out['num_fewshot']}-shot): "
@@ -497,11 +515,16 @@ def cmd_collect(args) -> int:
     out = Path(args.sweep)
     if not out.is_dir():
         raise BenchError(f"{out}: no such sweep directory")
-    df = collect(out)
+    problems: list[str] = []
+    try:
+        df = collect(out, problems)
+    except OSError as e:
+        raise BenchError(f"{out}: cannot write summary.csv / tables.md: {e.strerror or e}") from None
+    _report_problems(problems)
     if df.empty:
-        raise BenchError(f"{out}: no run directories with summary.json")
+        raise BenchError(f"{out}: no readable run summaries (no run directories with a valid summary.json)")
     print(f"{len(df)} runs collected into {out / 'summary.csv'} and {out / 'tables.md'}")
-    return 0
+    return 1 if problems else 0
 
 
 def cmd_perf(args) -> int:

@@ -145,8 +145,34 @@ def submit(specs, out: Path, profile: dict) -> dict:
 
 
 def read_record(out: Path) -> dict:
+    """SWEEP/slurm_jobs.json ({} when absent); a corrupt one is a one-line error naming it."""
     path = Path(out) / RECORD
-    return read_json(path) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{path}: unreadable ({type(e).__name__}): the record of submitted SLURM jobs is damaged; "
+                         "move it away to rebuild the status from the run directories") from None
+    if not (isinstance(record, dict) and isinstance(record.get("runs", {}), dict)
+            and all(isinstance(j, str) for j in record.get("runs", {}).values())
+            and isinstance(record.get("arrays", []), list)):
+        raise BenchError(f"{path}: not a SLURM submission record (expected {{\"runs\": {{run: job}}, "
+                         "\"arrays\": [...]})")
+    return record
+
+
+def read_summary(path: Path) -> tuple[dict, str | None]:
+    """(summary, problem): a run's summary.json ({} when absent), or ({}, why) when it cannot be read as one."""
+    from bench.sweep import summary_problem
+    if not path.is_file():
+        return {}, None
+    try:
+        summary = read_json(path)
+    except (OSError, ValueError) as e:
+        return {}, f"unreadable ({type(e).__name__}: truncated or not JSON)"
+    why = summary_problem(summary)
+    return ({}, why) if why else (summary, None)
 
 
 # sacct/squeue state -> bench state (for runs whose directory holds no final summary)
@@ -199,7 +225,8 @@ def scheduler_states(array_ids: list[str]) -> tuple[dict[str, str], str | None]:
 
 
 def sweep_status(out: Path) -> list[dict]:
-    """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted, or unknown when
+    """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted; unfinished: a local run
+    started without a final record; unreadable: its summary.json is damaged and no SLURM job holds it; unknown when
     SLURM cannot be asked about a run without a final record), job_id, detail."""
     out = Path(out)
     record = read_record(out)
@@ -208,8 +235,7 @@ def sweep_status(out: Path) -> list[dict]:
     live, source = scheduler_states(sorted({j.split("_")[0] for j in jobs.values()}))
     rows = []
     for run_id in run_ids:
-        summary_path = out / run_id / "summary.json"
-        summary = read_json(summary_path) if summary_path.is_file() else {}
+        summary, problem = read_summary(out / run_id / "summary.json")
         job = jobs.get(run_id)
         scheduler = live.get(job) if job else None
         state, detail = summary.get("status"), summary.get("error") or ""
@@ -226,8 +252,12 @@ def sweep_status(out: Path) -> list[dict]:
             state, detail = "unknown", "SLURM could not be asked (sacct/squeue failed)"
         elif job and state is None:  # sacct can lag a fresh submission by a moment
             state = "pending"
-        elif state is None:
-            state = "incomplete"
+        elif problem:
+            state, detail = "unreadable", problem
+        elif state is None:  # a local run: started, no final record (running in another process, or killed)
+            state, detail = "unfinished", detail or "started, no summary.json yet: running, or stopped (re-run resumes)"
+        if problem and state != "unreadable":
+            detail = f"{detail}; summary.json {problem}" if detail else f"summary.json {problem}"
         rows.append({"run_id": run_id, "state": state, "job_id": job or "-", "detail": detail})
     return rows
 

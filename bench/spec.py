@@ -243,7 +243,10 @@ class RunSpec:
 def stored_key(config: dict) -> str | None:
     """The key of a run recorded in config.json, under today's RunSpec (fields added since take their defaults),
     so that older run directories still match the same configuration."""
+    if not isinstance(config, dict):
+        return None
     try:
         return RunSpec.from_dict(config["spec"]).key()
-    except (KeyError, TypeError, BenchError):
-        return config.get("spec_key")
+    except (KeyError, TypeError, AttributeError, BenchError):
+        key = config.get("spec_key")
+        return key if isinstance(key, str) else None
