@@ -123,17 +123,41 @@ def _sbatch_error(e: Exception, stderr: str = "") -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def _files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if not p.is_dir()} if folder.is_dir() else set()
+
+
+def _remove_new(folder: Path, before: set[Path], new_dirs: list[Path]) -> None:
+    """Undo a failed submission: files that appeared under folder since `before`, empty folders left by them, and
+    the directories the submission created (if empty)."""
+    for path in _files_under(folder) - before:
+        path.unlink(missing_ok=True)
+    if folder.is_dir():
+        for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(d.iterdir()):
+                d.rmdir()
+    for d in new_dirs:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 def submit(specs, out: Path, profile: dict) -> dict:
     """Submit the specs as one job array; record {run_id: job_id} in out/slurm_jobs.json. Returns the record."""
     import submitit
 
+    new_dirs = [d for d in (out / ".slurm", out, *out.parents) if not d.exists()]
+    before = _files_under(out / ".slurm")
     out.mkdir(parents=True, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=str(out / ".slurm" / "%j"), cluster="slurm", slurm_max_num_timeout=3)
-    executor.update_parameters(name=f"bench-{out.name}", **executor_parameters(profile))
+    err: list[str] = []
     try:
+        executor = submitit.AutoExecutor(folder=str(out / ".slurm" / "%j"), cluster="slurm", slurm_max_num_timeout=3)
+        executor.update_parameters(name=f"bench-{out.name}", **executor_parameters(profile))
         with _captured_stderr() as err:  # submitit lets sbatch write to our stderr; keep it for the one-line error
             jobs = executor.map_array(RunTask(), [s.to_dict() for s in specs], [str(out / s.run_id) for s in specs])
     except Exception as e:  # sbatch refused (no such partition, bad limits): nothing is recorded as submitted
+        _remove_new(out / ".slurm", before, new_dirs)  # and nothing is left: submitit's pickles and script
         raise BenchError(f"sbatch failed: {_sbatch_error(e, ''.join(err))}") from None
     record = read_record(out)
     array_id = jobs[0].job_id.split("_")[0]
