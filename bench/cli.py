@@ -395,6 +395,10 @@ def cmd_status(args) -> int:
     return 1 if unreadable else 0
 
 
+def _os_error(e: OSError) -> str:
+    return f"{e.strerror} ({e.filename})" if e.strerror and e.filename else str(e.strerror or e)
+
+
 def _report_problems(problems: list[str]) -> None:
     for p in problems:
         sys.stderr.write(f"bench: skipped: {p}\n")
@@ -408,7 +412,7 @@ def cmd_report(args) -> int:
     try:
         sweep, info = write_report(out)
     except OSError as e:
-        raise BenchError(f"{out}: cannot write the report: {e.strerror or e} ({getattr(e, 'filename', '')})") from None
+        raise BenchError(f"{out}: cannot write the report: {_os_error(e)}") from None
     _report_problems(sweep.problems)
     if sweep.runs.empty:
         raise BenchError(f"{out}: nothing to report (no readable run summaries)")
@@ -433,7 +437,7 @@ def cmd_leaderboard(args) -> int:
     try:
         atomic_write_text(csv, board.to_csv(index=False))
     except OSError as e:
-        raise BenchError(f"--csv {csv}: cannot write: {e.strerror or e}") from None
+        raise BenchError(f"--csv {csv}: cannot write: {_os_error(e)}") from None
     with pd_options():
         print(board.drop(columns=["sweeps"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"written: {csv} ({len(board)} rows from {len(sweep.runs)} runs)")
@@ -519,7 +523,7 @@ def cmd_collect(args) -> int:
     try:
         df = collect(out, problems)
     except OSError as e:
-        raise BenchError(f"{out}: cannot write summary.csv / tables.md: {e.strerror or e}") from None
+        raise BenchError(f"{out}: cannot write summary.csv / tables.md: {_os_error(e)}") from None
     _report_problems(problems)
     if df.empty:
         raise BenchError(f"{out}: no readable run summaries (no run directories with a valid summary.json)")
