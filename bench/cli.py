@@ -230,6 +230,9 @@ def check_executor_flags(args) -> None:
         if given:
             raise BenchError(f"{', '.join(given)}: only with --executor slurm (a local sweep runs in this process "
                              "and re-running the same command resumes it)")
+    elif str(args.jobs).strip().lower() != "auto":
+        raise BenchError("--jobs: only for the local executor (under SLURM each run is its own array task; "
+                         "--array-parallelism caps how many run at once)")
 
 
 def check_device_available(device: str) -> None:

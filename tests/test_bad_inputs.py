@@ -61,6 +61,9 @@ USAGE_ERRORS = [
     ("resume-local", ["--resume"], f"--resume: {SLURM_ONLY}"),
     ("partition-local", ["--partition", "gpu"], f"--partition: {SLURM_ONLY}"),
     ("executor-unknown", ["--executor", "pbs"], "unknown --executor 'pbs'; valid: local, slurm"),
+    ("jobs-slurm", ["--executor", "slurm", "--jobs", "2"],
+     "--jobs: only for the local executor (under SLURM each run is its own array task; --array-parallelism caps how "
+     "many run at once)"),
     ("task-param-type", ["--task-param", "max_number=abc"],
      "bad --task-param for task synth-gsm (max_number='abc'): TypeError: '<' not supported between instances of "
      "'str' and 'int'"),
