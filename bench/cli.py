@@ -43,9 +43,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _parse_list(value: str, what: str) -> list[str]:
-    items = [v.strip() for v in str(value).split(",") if v.strip()]
-    if not items:
+    items = [v.strip() for v in str(value).split(",")]
+    if not any(items):
         raise BenchError(f"--{what} is empty")
+    if not all(items):  # "4,,16" is a typo, not the list 4,16
+        raise BenchError(f"bad --{what} {value!r}: an empty item between commas")
+    dup = sorted({v for v in items if items.count(v) > 1})
+    if dup:  # the same run twice would share one run directory
+        raise BenchError(f"bad --{what} {value!r}: {', '.join(dup)} listed twice")
     return items
 
 
@@ -54,7 +59,7 @@ def parse_key_values(pairs: list[str], flag: str) -> dict:
     import yaml
     params = {}
     for pair in pairs:
-        if "=" not in pair:
+        if not isinstance(pair, str) or "=" not in pair:
             raise BenchError(f"bad {flag} {pair!r}: expected KEY=VALUE")
         key, value = pair.split("=", 1)
         try:
@@ -70,6 +75,8 @@ def load_config_file(path, what: str = "--config") -> dict:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise BenchError(f"{what} {path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise BenchError(f"{what} {path}: not a YAML text file (not UTF-8)") from None
     except yaml.YAMLError as e:
         raise BenchError(f"{what} {path}: bad YAML: {str(e).splitlines()[0]}") from None
     if data is None:
@@ -83,7 +90,11 @@ def load_config_file(path, what: str = "--config") -> dict:
             raise BenchError(f"{what} {path}: unknown key {key!r}; valid: "
                              f"{', '.join(k.replace('_', '-') for k in DEFAULTS)}")
         if name in ("methods", "ranks", "seeds") and isinstance(value, list):
+            if not all(_is_scalar(v) for v in value):
+                raise BenchError(f"{what} {path}: {key} must be a list of single values, got {value!r}")
             value = ",".join(str(v) for v in value)
+        if name not in PARAM_OPTIONS and value is not None and not _is_scalar(value):
+            raise BenchError(f"{what} {path}: {key} must be a single value, got {value!r}")
         if name in PARAM_OPTIONS:
             if value is None:
                 value = {}
@@ -92,6 +103,10 @@ def load_config_file(path, what: str = "--config") -> dict:
             value = as_params(value, f"{what} {path}: {key}")
         out[name] = value
     return out
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 def as_params(value, flag: str) -> dict:
@@ -132,9 +147,14 @@ def build_specs(options: dict):
     task_params = as_params(options["task_param"], "--task-param")
     if options["data"]:
         task_params["data"] = str(options["data"])
-    task = get_task(options["task"], **task_params)  # unknown task / bad task parameters fail here
-    for split in ("train", "eval"):
-        task.examples(split)  # malformed or missing data files fail here, before any training
+    try:
+        task = get_task(options["task"], **task_params)  # unknown task / bad task parameters fail here
+        for split in ("train", "eval"):
+            task.examples(split)  # malformed or missing data files fail here, before any training
+    except (TypeError, ValueError, ArithmeticError) as e:  # a parameter of the wrong type deep in the generator
+        given = ", ".join(f"{k}={v!r}" for k, v in task_params.items())
+        raise BenchError(f"bad --task-param for task {options['task']} ({given}): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     method_params = method_params_per_method(methods, as_params(options["method_param"], "--method-param"))
     common = {"task": options["task"], "task_params": task_params, "model": options["model"],
               "device": options["device"]}
@@ -145,18 +165,21 @@ def build_specs(options: dict):
     if unknown:
         raise BenchError(f"unknown --set key(s) {', '.join(unknown)}; valid: {', '.join(sorted(settable))}")
     common.update(overrides)
-    if "grpo" in overrides:
-        from bench.spec import check_grpo_settings
-        check_grpo_settings(overrides["grpo"] or {})
+    if "grpo" in overrides and overrides["grpo"] is None:
+        common["grpo"] = {}
     if options["final_eval"]:
         common["final_eval"] = str(options["final_eval"])
     for key, cast in (("steps", int), ("lr", float), ("alpha", float), ("eval_size", int)):
         if options[key] is not None:
             try:
                 common[key] = cast(options[key])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise BenchError(f"bad --{key.replace('_', '-')} {options[key]!r}") from None
-    return grid(methods, ranks, seeds, method_params=method_params, **common)
+    specs = grid(methods, ranks, seeds, method_params=method_params, **common)
+    from bench.spec import check_grpo_config
+    for spec in specs:
+        check_grpo_config(spec)  # the effective TRL GRPOConfig of every run, through TRL's own checks
+    return specs
 
 
 def method_params_per_method(methods: list[str], raw: dict) -> dict[str, dict]:
@@ -192,25 +215,99 @@ def check_ranks_against_model(model_name: str, ranks) -> None:
         check_rank(skeleton, rank)
 
 
+SLURM_ONLY = {"profile": "--profile", "partition": "--partition", "gpus_per_node": "--gpus-per-node",
+              "cpus_per_task": "--cpus-per-task", "mem_gb": "--mem-gb", "timeout_min": "--timeout-min",
+              "array_parallelism": "--array-parallelism", "resume": "--resume", "wait": "--wait",
+              "wait_timeout": "--wait-timeout"}
+
+
+def check_executor_flags(args) -> None:
+    """SLURM options do nothing on this machine: refused rather than silently ignored."""
+    if args.executor not in ("local", "slurm"):
+        raise BenchError(f"unknown --executor {args.executor!r}; valid: local, slurm")
+    if args.executor == "local":
+        given = [flag for name, flag in SLURM_ONLY.items() if getattr(args, name, None) not in (None, False)]
+        if given:
+            raise BenchError(f"{', '.join(given)}: only with --executor slurm (a local sweep runs in this process "
+                             "and re-running the same command resumes it)")
+    elif str(args.jobs).strip().lower() != "auto":
+        raise BenchError("--jobs: only for the local executor (under SLURM each run is its own array task; "
+                         "--array-parallelism caps how many run at once)")
+
+
+def check_device_available(device: str) -> None:
+    """A local run's device must exist on this machine (SLURM runs are checked on their node)."""
+    import torch
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise BenchError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise BenchError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_out_writable(out: Path) -> None:
+    """bench.sweep.check_writable, but leaving no directory behind: a command refused later must not leave an
+    empty --out (run_sweep creates it when the runs start)."""
+    from bench.sweep import check_writable
+    created = []
+    for parent in (out, *out.parents):
+        if parent.exists():
+            break
+        created.append(parent)
+    try:
+        check_writable(out)
+    finally:
+        for d in created:  # deepest first; only the empty directories this check made
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def check_existing_runs(specs, out: Path) -> None:
+    """Every run directory that already holds another configuration, or a config.json that cannot be read, before
+    the first run starts (a parallel sweep would otherwise report it only after the other runs have trained)."""
+    from bench.runner import check_run_dir
+    conflicts, unreadable = [], []
+    for spec in specs:
+        try:
+            check_run_dir(spec, out / spec.run_id)
+        except BenchError as e:
+            (conflicts if "different configuration" in str(e) else unreadable).append((spec.run_id, str(e)))
+    if unreadable:
+        raise BenchError(unreadable[0][1] + (f" ({len(unreadable) - 1} more like it)" if len(unreadable) > 1 else ""))
+    if conflicts:
+        raise BenchError(f"{out} holds {len(conflicts)} run(s) with a different configuration (e.g. {conflicts[0][0]}); "
+                         "use another --out, or remove those run directories; nothing was run")
+
+
 def cmd_run(args) -> int:
-    from bench.sweep import check_writable, run_sweep
+    from bench.sweep import run_sweep
     options = resolve_run_options(args)
     specs = build_specs(options)
+    check_executor_flags(args)
     from bench.threads import env_threads
     for name in ("BENCH_NUM_THREADS", "BENCH_FORWARD_THREADS"):
         env_threads(name)  # a bad value stops here, before any training
-    out = Path(options["out"] or Path("results") / f"{options['task']}-{Path(options['model']).name}")
-    check_writable(out)
-    from bench.models import resolve_model_path
+    out = Path(str(options["out"]) if options["out"] else Path("results") / f"{options['task']}-"
+               f"{Path(options['model']).name}")
+    if args.executor == "local":
+        for device in sorted({s.device for s in specs}):
+            check_device_available(device)
+    check_out_writable(out)
+    from bench.models import check_weights, resolve_model_path
     resolve_model_path(options["model"], progress=not args.no_progress)  # builds `tiny` once, before any run
+    check_weights(options["model"])
     check_ranks_against_model(options["model"], [s.rank for s in specs])
     from bench.runner import resolve_device
     if any(s.generation_backend == "vllm" and resolve_device(s.device) != "cuda" for s in specs):
         raise BenchError("generation_backend vllm needs a CUDA device (--device cuda or auto on a GPU machine)")
+    check_existing_runs(specs, out)
     if args.executor == "slurm":
         return submit_to_slurm(args, specs, out)
-    if args.executor != "local":
-        raise BenchError(f"unknown --executor {args.executor!r}; valid: local, slurm")
     df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
     held = df.attrs.get("held", [])
     if not df.empty:
@@ -272,7 +369,7 @@ def submit_to_slurm(args, specs, out: Path) -> int:
     if not args.wait:
         print(f"progress: bench status {out}    tables when done: bench collect {out}")
         return 0
-    rows = slurm.wait(out, [s.run_id for s in todo], timeout_s=args.wait_timeout)
+    rows = slurm.wait(out, [s.run_id for s in todo], timeout_s=args.wait_timeout or 24 * 3600.0)
     from bench.sweep import collect
     collect(out)
     print_status(rows)
@@ -299,7 +396,13 @@ def cmd_status(args) -> int:
     if not rows:
         raise BenchError(f"{out}: no runs (no run directories and no SLURM submission record)")
     print_status(rows)
-    return 0
+    unreadable = [r for r in rows if r["state"] == "unreadable"]
+    _report_problems([f"{out / r['run_id'] / 'summary.json'}: {r['detail']}" for r in unreadable])
+    return 1 if unreadable else 0
+
+
+def _os_error(e: OSError) -> str:
+    return f"{e.strerror} ({e.filename})" if e.strerror and e.filename else str(e.strerror or e)
 
 
 def _report_problems(problems: list[str]) -> None:
@@ -312,7 +415,10 @@ def cmd_report(args) -> int:
     out = Path(args.sweep)
     if not out.is_dir():
         raise BenchError(f"{out}: no such sweep directory")
-    sweep, info = write_report(out)
+    try:
+        sweep, info = write_report(out)
+    except OSError as e:
+        raise BenchError(f"{out}: cannot write the report: {_os_error(e)}") from None
     _report_problems(sweep.problems)
     if sweep.runs.empty:
         raise BenchError(f"{out}: nothing to report (no readable run summaries)")
@@ -334,7 +440,10 @@ def cmd_leaderboard(args) -> int:
         raise BenchError("nothing to rank: no readable run summaries in " + ", ".join(args.sweeps))
     board = leaderboard(sweep)
     csv = Path(args.csv)
-    atomic_write_text(csv, board.to_csv(index=False))
+    try:
+        atomic_write_text(csv, board.to_csv(index=False))
+    except OSError as e:
+        raise BenchError(f"--csv {csv}: cannot write: {_os_error(e)}") from None
     with pd_options():
         print(board.drop(columns=["sweeps"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"written: {csv} ({len(board)} rows from {len(sweep.runs)} runs)")
@@ -348,6 +457,16 @@ def pd_options():
 
 def cmd_eval(args) -> int:
     from bench.evaluate import evaluate_run
+    from bench.spec import DEVICE_PATTERN
+    for flag, value, least in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < least:
+            raise BenchError(f"bad {flag} {value}: must be >= {least}")
+    if not DEVICE_PATTERN.fullmatch(args.device):
+        raise BenchError(f"bad --device {args.device!r}; valid: auto, cpu, cuda, cuda:N")
+    check_device_available(args.device)
+    if not Path(args.run_dir).is_dir():
+        raise BenchError(f"{args.run_dir}: no such run directory")
     out = evaluate_run(Path(args.run_dir), limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                        device=args.device)
     print(f"{args.run_dir}: lm-eval {out['task']} ({out['n']} items, {out['num_fewshot']}-shot): "
@@ -406,11 +525,16 @@ def cmd_collect(args) -> int:
     out = Path(args.sweep)
     if not out.is_dir():
         raise BenchError(f"{out}: no such sweep directory")
-    df = collect(out)
+    problems: list[str] = []
+    try:
+        df = collect(out, problems)
+    except OSError as e:
+        raise BenchError(f"{out}: cannot write summary.csv / tables.md: {_os_error(e)}") from None
+    _report_problems(problems)
     if df.empty:
-        raise BenchError(f"{out}: no run directories with summary.json")
+        raise BenchError(f"{out}: no readable run summaries (no run directories with a valid summary.json)")
     print(f"{len(df)} runs collected into {out / 'summary.csv'} and {out / 'tables.md'}")
-    return 0
+    return 1 if problems else 0
 
 
 def cmd_perf(args) -> int:
@@ -479,7 +603,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="SLURM: add to an existing submission, submitting only runs not finished, pending or running")
     s.add_argument("--wait", action="store_true", help="SLURM: wait for the array, then collect the tables")
-    s.add_argument("--wait-timeout", dest="wait_timeout", type=float, default=24 * 3600.0, help="seconds")
+    s.add_argument("--wait-timeout", dest="wait_timeout", type=float, help="SLURM: seconds (default 1 day)")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("perf", help="side-by-side cost ratios of methods (one process, medians)")
     s.add_argument("--methods", default="kl_free_lora,kl_grpo,proma,proma_intra",

@@ -47,6 +47,38 @@ def load_trained(run_dir: Path, spec, device: str):
     return model.eval(), tokenizer
 
 
+def run_spec(run_dir: Path):
+    """The RunSpec recorded in run_dir/config.json; a missing or damaged file is a one-line error naming it."""
+    from bench.spec import RunSpec
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise BenchError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        config = read_json(path)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{path}: unreadable ({type(e).__name__}: truncated or not JSON)") from None
+    if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
+        raise BenchError(f"{path}: not a run configuration (no \"spec\" object)")
+    try:
+        return RunSpec.from_dict(config["spec"])
+    except TypeError as e:
+        raise BenchError(f"{path}: not a valid run configuration ({e})") from None
+    except BenchError as e:
+        raise BenchError(f"{path}: not a valid run configuration ({e})") from None
+
+
+def summary_of(run_dir: Path) -> dict:
+    from bench.sweep import summary_problem
+    path = run_dir / "summary.json"
+    try:
+        summary = read_json(path)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{path}: unreadable ({type(e).__name__}: truncated or not JSON); nothing evaluated") from None
+    if why := summary_problem(summary):
+        raise BenchError(f"{path}: {why}; nothing evaluated")
+    return summary
+
+
 def evaluate_run(run_dir: Path, limit: int | None = None, num_fewshot: int = 0, batch_size: int = 64,
                  device: str = "auto", write: bool = True) -> dict:
     from lm_eval import simple_evaluate
@@ -55,13 +87,12 @@ def evaluate_run(run_dir: Path, limit: int | None = None, num_fewshot: int = 0, 
 
     from bench.models import uses_chat_template
     from bench.runner import resolve_device
-    from bench.spec import RunSpec
     from tasks import get_task
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise BenchError(f"{run_dir}: not a run directory (no config.json)")
-    spec = RunSpec.from_dict(read_json(run_dir / "config.json")["spec"])
+    spec = run_spec(run_dir)
+    if write and (run_dir / "summary.json").is_file():
+        summary_of(run_dir)  # a damaged summary.json is refused before the evaluation, not after
     device = resolve_device(spec.device if device == "auto" else device)
     model, tokenizer = load_trained(run_dir, spec, device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +122,7 @@ def evaluate_run(run_dir: Path, limit: int | None = None, num_fewshot: int = 0, 
            "n": results.get("n-samples", {}).get(task_name, {}).get("effective"),
            "chat_template": uses_chat_template(tokenizer), "lm_eval_version": lm_eval.__version__}
     if write and (run_dir / "summary.json").is_file():
-        summary = read_json(run_dir / "summary.json")
+        summary = summary_of(run_dir)
         summary["lm_eval"] = out
         atomic_write_json(run_dir / "summary.json", summary)
     return out

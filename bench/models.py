@@ -204,6 +204,19 @@ def _load_error(name: str, e: Exception) -> BenchError:
                       f"or local path with safetensors weights): {first}")
 
 
+def check_weights(name: str) -> None:
+    """A local model directory must hold safetensors weights (a config.json alone would fail inside each run).
+    Hub ids are checked when downloaded."""
+    path = Path(resolve_model_path(name, progress=False))
+    if not path.is_dir():
+        return
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
+    raise BenchError(f"cannot load model {name!r}: {path} has no *.safetensors weights"
+                     + (f" (found {', '.join(other[:3])}: only safetensors are loaded)" if other else ""))
+
+
 def load_config(name: str):
     """The model's configuration only (no weights): enough to check ranks before any training."""
     from transformers import AutoConfig

@@ -18,7 +18,7 @@ import pandas as pd
 
 from bench.io import atomic_write_bytes, atomic_write_text
 from bench.spec import stored_key
-from bench.sweep import SUMMARY_COLUMNS, _rank_order, markdown_tables
+from bench.sweep import SUMMARY_COLUMNS, _rank_order, markdown_tables, metrics_problem, summary_problem
 
 # leaderboard CSV columns (stable; documented in README)
 LEADERBOARD_COLUMNS = ["method", "rank", "n_seeds", "n_failed", "accuracy_mean", "accuracy_std", "accuracy_gain",
@@ -59,9 +59,10 @@ def load_sweep(*dirs: Path) -> Sweep:
                     problems.append(f"{run / 'summary.json'}: missing (run not finished)")
                 continue
             s = _read_json(run / "summary.json", problems)
-            if not isinstance(s, dict) or "status" not in s or "method" not in s:
-                if s is not None:
-                    problems.append(f"{run / 'summary.json'}: not a run summary (no status/method)")
+            if s is None:
+                continue
+            if why := summary_problem(s):
+                problems.append(f"{run / 'summary.json'}: {why}")
                 continue
             row = {c: s.get(c) for c in SUMMARY_COLUMNS}
             row["rank"] = str(row["rank"])
@@ -69,6 +70,9 @@ def load_sweep(*dirs: Path) -> Sweep:
             row["sweep"] = str(d)
             row["key"] = f"{d}/{run.name}"
             config = _read_json(run / "config.json", problems) if (run / "config.json").exists() else None
+            if config is not None and not (isinstance(config, dict) and isinstance(config.get("spec"), dict)):
+                problems.append(f"{run / 'config.json'}: not a run configuration (no \"spec\" object)")
+                config = None
             spec_key = stored_key(config) if isinstance(config, dict) else None
             if spec_key and spec_key in seen:  # the same run configuration in two merged sweeps: count it once
                 notes.append(f"{run}: same configuration as {seen[spec_key]}; counted once")
@@ -80,10 +84,15 @@ def load_sweep(*dirs: Path) -> Sweep:
                 configs[row["key"]] = config
             if (run / "metrics.jsonl").exists():
                 try:
-                    curves[row["key"]] = [json.loads(line) for line in
-                                          (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+                    curve = [json.loads(line) for line in
+                             (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
                 except ValueError as e:
                     problems.append(f"{run / 'metrics.jsonl'}: unreadable ({str(e)[:120]})")
+                    continue
+                if why := metrics_problem(curve):
+                    problems.append(f"{run / 'metrics.jsonl'}: {why}")
+                    continue
+                curves[row["key"]] = curve
     runs = pd.DataFrame(rows, columns=[*SUMMARY_COLUMNS, "eval_n", "sweep", "key"])
     for c in ("accuracy", "accuracy_base", "accuracy_gain", "kl_ref", "kl_step", "entropy", "entropy_base",
               "wall_clock_s", "trainable_params", "peak_mem_mb", "seed", "time_generation_s", "time_reference_s",

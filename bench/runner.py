@@ -299,6 +299,8 @@ def check_run_dir(spec: RunSpec, run_dir: Path) -> dict | None:
         try:
             key = stored_key(read_json(config_path))
         except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            key = None
+        if key is None:
             raise BenchError(f"{config_path} is unreadable (cut short or not a run's config): cannot tell which run "
                              f"{run_dir} holds; move or delete that directory to run {spec.run_id} again") from None
         if key != spec.key():

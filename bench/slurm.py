@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.io import atomic_write_json, read_json
+from bench.runlock import held_by
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "slurm"
 # profile field -> (type check, submitit parameter)
@@ -123,17 +124,41 @@ def _sbatch_error(e: Exception, stderr: str = "") -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def _files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if not p.is_dir()} if folder.is_dir() else set()
+
+
+def _remove_new(folder: Path, before: set[Path], new_dirs: list[Path]) -> None:
+    """Undo a failed submission: files that appeared under folder since `before`, empty folders left by them, and
+    the directories the submission created (if empty)."""
+    for path in _files_under(folder) - before:
+        path.unlink(missing_ok=True)
+    if folder.is_dir():
+        for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(d.iterdir()):
+                d.rmdir()
+    for d in new_dirs:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 def submit(specs, out: Path, profile: dict) -> dict:
     """Submit the specs as one job array; record {run_id: job_id} in out/slurm_jobs.json. Returns the record."""
     import submitit
 
+    new_dirs = [d for d in (out / ".slurm", out, *out.parents) if not d.exists()]
+    before = _files_under(out / ".slurm")
     out.mkdir(parents=True, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=str(out / ".slurm" / "%j"), cluster="slurm", slurm_max_num_timeout=3)
-    executor.update_parameters(name=f"bench-{out.name}", **executor_parameters(profile))
+    err: list[str] = []
     try:
+        executor = submitit.AutoExecutor(folder=str(out / ".slurm" / "%j"), cluster="slurm", slurm_max_num_timeout=3)
+        executor.update_parameters(name=f"bench-{out.name}", **executor_parameters(profile))
         with _captured_stderr() as err:  # submitit lets sbatch write to our stderr; keep it for the one-line error
             jobs = executor.map_array(RunTask(), [s.to_dict() for s in specs], [str(out / s.run_id) for s in specs])
     except Exception as e:  # sbatch refused (no such partition, bad limits): nothing is recorded as submitted
+        _remove_new(out / ".slurm", before, new_dirs)  # and nothing is left: submitit's pickles and script
         raise BenchError(f"sbatch failed: {_sbatch_error(e, ''.join(err))}") from None
     record = read_record(out)
     array_id = jobs[0].job_id.split("_")[0]
@@ -145,8 +170,34 @@ def submit(specs, out: Path, profile: dict) -> dict:
 
 
 def read_record(out: Path) -> dict:
+    """SWEEP/slurm_jobs.json ({} when absent); a corrupt one is a one-line error naming it."""
     path = Path(out) / RECORD
-    return read_json(path) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{path}: unreadable ({type(e).__name__}): the record of submitted SLURM jobs is damaged; "
+                         "move it away to rebuild the status from the run directories") from None
+    if not (isinstance(record, dict) and isinstance(record.get("runs", {}), dict)
+            and all(isinstance(j, str) for j in record.get("runs", {}).values())
+            and isinstance(record.get("arrays", []), list)):
+        raise BenchError(f"{path}: not a SLURM submission record (expected {{\"runs\": {{run: job}}, "
+                         "\"arrays\": [...]})")
+    return record
+
+
+def read_summary(path: Path) -> tuple[dict, str | None]:
+    """(summary, problem): a run's summary.json ({} when absent), or ({}, why) when it cannot be read as one."""
+    from bench.sweep import summary_problem
+    if not path.is_file():
+        return {}, None
+    try:
+        summary = read_json(path)
+    except (OSError, ValueError) as e:
+        return {}, f"unreadable ({type(e).__name__}: truncated or not JSON)"
+    why = summary_problem(summary)
+    return ({}, why) if why else (summary, None)
 
 
 # sacct/squeue state -> bench state (for runs whose directory holds no final summary)
@@ -199,7 +250,8 @@ def scheduler_states(array_ids: list[str]) -> tuple[dict[str, str], str | None]:
 
 
 def sweep_status(out: Path) -> list[dict]:
-    """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted, or unknown when
+    """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted; running also for a
+    local run whose lock a process holds; unfinished: a local run started without a final record that nobody runs; unreadable: its summary.json is damaged and no SLURM job holds it; unknown when
     SLURM cannot be asked about a run without a final record), job_id, detail."""
     out = Path(out)
     record = read_record(out)
@@ -208,14 +260,16 @@ def sweep_status(out: Path) -> list[dict]:
     live, source = scheduler_states(sorted({j.split("_")[0] for j in jobs.values()}))
     rows = []
     for run_id in run_ids:
-        summary_path = out / run_id / "summary.json"
-        summary = read_json(summary_path) if summary_path.is_file() else {}
+        summary, problem = read_summary(out / run_id / "summary.json")
         job = jobs.get(run_id)
         scheduler = live.get(job) if job else None
         state, detail = summary.get("status"), summary.get("error") or ""
         active = SCHEDULER_STATES.get(scheduler) in ("pending", "running")
-        if state in ("ok", "diverged", "failed") and not (state == "failed" and active):
+        holder = held_by(out / run_id)  # a process on this machine running it now (bench.runlock)
+        if state in ("ok", "diverged", "failed") and not (state == "failed" and (active or holder)):
             pass  # the run's own record is final
+        elif holder is not None and scheduler is None:
+            state, detail = "running", f"locally, {holder}"
         elif scheduler is not None:
             state = SCHEDULER_STATES.get(scheduler, scheduler.lower())
             if state in ("failed", "preempted"):
@@ -226,8 +280,12 @@ def sweep_status(out: Path) -> list[dict]:
             state, detail = "unknown", "SLURM could not be asked (sacct/squeue failed)"
         elif job and state is None:  # sacct can lag a fresh submission by a moment
             state = "pending"
-        elif state is None:
-            state = "incomplete"
+        elif problem:
+            state, detail = "unreadable", problem
+        elif state is None:  # a local run: started, no final record, and no process holds it: stopped
+            state, detail = "unfinished", detail or "stopped before its summary.json (re-run resumes it)"
+        if problem and state != "unreadable":
+            detail = f"{detail}; summary.json {problem}" if detail else f"summary.json {problem}"
         rows.append({"run_id": run_id, "state": state, "job_id": job or "-", "detail": detail})
     return rows
 

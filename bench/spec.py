@@ -1,8 +1,13 @@
 """RunSpec: everything that determines one run (hashable, serializable), and the sweep grid."""
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 
 from bench.errors import BenchError
@@ -29,12 +34,103 @@ RESERVED_GRPO = {"output_dir", "beta", "max_steps", "seed", "data_seed", "learni
 GENERATION_BACKENDS = ("transformers", "vllm")
 
 
-def check_grpo_settings(settings: dict) -> None:
-    """Every key must be a GRPOConfig field (TRL 1.16)."""
+# Refused before any training (a documented bound, not a measurement): the longest shipped preset runs 604 optimizer
+# steps; a budget beyond this is a typo (it would run for days even on the embedded model).
+MAX_STEPS = 100_000
+# transformers.set_seed (called by the Trainer) seeds numpy, whose seeds are 0 .. 2**32 - 1
+MAX_SEED = 2**32 - 1
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+EXTRACTIONS = ("strict", "flexible")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _matches(value, hint) -> bool:
+    """Whether a YAML value fits a dataclass field annotation (as TRL declares it; enums take their names)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return _is_number(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in {m.value for m in hint}
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation we cannot check here: GRPOConfig's own __post_init__ decides (check_grpo_config)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def check_grpo_settings(settings) -> None:
+    """A run's `grpo` (extra TRL GRPOConfig fields by name): a mapping whose keys are GRPOConfig fields of TRL 1.16
+    that neither the harness nor the method owns, each value of the type GRPOConfig's dataclass declares for it.
+    (GRPOConfig itself does not check most types on construction: num_train_epochs='abc' would fail mid-run.)"""
+    if not isinstance(settings, dict):
+        raise BenchError(f"bad grpo {settings!r}: expected a mapping of GRPOConfig settings")
     from trl import GRPOConfig
     unknown = sorted(set(settings) - set(GRPOConfig.__dataclass_fields__))
     if unknown:
         raise BenchError(f"unknown grpo setting(s) {', '.join(unknown)}: not GRPOConfig fields of TRL 1.16")
+    reserved = sorted(set(settings) & RESERVED_GRPO)
+    if reserved:
+        raise BenchError(f"grpo setting(s) {', '.join(reserved)} are set by the harness or the method "
+                         "(use the run's own options)")
+    hints = typing.get_type_hints(GRPOConfig)
+    for key, value in settings.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise BenchError(f"bad grpo setting {key}={value!r}: GRPOConfig declares {_type_name(hints[key])}")
+
+
+def check_grpo_config(spec: "RunSpec") -> None:
+    """The run's whole GRPOConfig built as the engine builds it (bench.engine.grpo_config), with its output_dir a
+    path that is never created: TRL's and transformers' own __post_init__ checks (scheduler names, option
+    combinations) run here, before any training. bf16 is left off: on a CPU login node submitting GPU runs to
+    SLURM, transformers would refuse it, and it is the harness's setting, not the user's."""
+    from bench.engine import grpo_config
+    from methods import get_method
+    from tasks import RewardConfig
+    method = get_method(spec.method)
+    try:
+        _, weights = RewardConfig(**spec.reward).funcs_and_weights()
+        grpo_config(spec, method, output_dir="/nonexistent/bench-dry-run", reward_weights=weights, chat=False,
+                    use_cpu=True)
+    except (TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BenchError(f"{spec.run_id}: TRL refuses the GRPOConfig (grpo {spec.grpo}): {first}") from None
+
+
+def check_reward(reward) -> None:
+    """`reward`: a mapping of tasks.RewardConfig fields (correct and format weights, extraction strict|flexible)."""
+    from tasks import RewardConfig
+    if not isinstance(reward, dict):
+        raise BenchError(f"bad reward {reward!r}: expected a mapping, e.g. {{correct: 1, format: 0.2}}")
+    valid = [f.name for f in fields(RewardConfig)]
+    unknown = sorted(set(reward) - set(valid))
+    if unknown:
+        raise BenchError(f"bad reward key(s) {', '.join(map(str, unknown))}; valid: {', '.join(valid)}")
+    for name in ("correct", "format"):
+        if name in reward and not (_is_number(reward[name]) and math.isfinite(reward[name])):
+            raise BenchError(f"bad reward {name} {reward[name]!r}: must be a finite number")
+    if reward.get("extraction", "strict") not in EXTRACTIONS:
+        raise BenchError(f"bad reward extraction {reward['extraction']!r}; valid: {', '.join(EXTRACTIONS)}")
+    if not any(reward.get(name, default) for name, default in (("correct", 1.0), ("format", 0.0))):
+        raise BenchError("bad reward: the correct and format weights are both 0 (nothing to learn from)")
 
 
 @dataclass(frozen=True)
@@ -68,10 +164,27 @@ class RunSpec:
     generation_backend: str = "transformers"  # rollouts: the model's generate, or TRL's colocated vLLM (GPU, optional)
 
     def __post_init__(self):
+        if isinstance(self.rank, bool) or parse_rank(self.rank) != self.rank:
+            raise BenchError(f"bad rank {self.rank!r}: expected a positive integer or 'full'")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise BenchError(f"bad seed {self.seed!r}: must be an integer in [0, {MAX_SEED}] (numpy's seed range, "
+                             "which transformers.set_seed uses)")
         for name in ("steps", "num_generations", "micro_batch", "grad_accum", "max_completion_length",
                      "probe_size", "probe_every", "kl_step_seqs", "checkpoint_every", "eval_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise BenchError(f"bad {name} {getattr(self, name)!r}: must be a positive integer")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise BenchError(f"bad {name} {value!r}: must be a positive integer")
+        if self.steps > MAX_STEPS:
+            raise BenchError(f"bad steps {self.steps}: at most {MAX_STEPS:,} optimizer steps per run (README, "
+                             "\"Set up and run\"; the longest preset runs 604)")
+        if self.eval_size is not None and (isinstance(self.eval_size, bool) or not isinstance(self.eval_size, int)
+                                           or self.eval_size <= 0):
+            raise BenchError(f"bad eval_size {self.eval_size!r}: must be a positive integer (or unset: all)")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise BenchError(f"bad device {self.device!r}; valid: auto, cpu, cuda, cuda:N")
+        for name in ("task_params", "method_params"):
+            if not isinstance(getattr(self, name), dict):
+                raise BenchError(f"bad {name} {getattr(self, name)!r}: expected a mapping of KEY: VALUE")
         if self.generation_backend not in GENERATION_BACKENDS:
             raise BenchError(f"bad generation_backend {self.generation_backend!r}; valid: "
                              f"{', '.join(GENERATION_BACKENDS)}")
@@ -87,18 +200,20 @@ class RunSpec:
                              f"multiple of num_generations ({self.num_generations})")
         if self.final_eval not in ("none", "lm-eval"):
             raise BenchError(f"bad final_eval {self.final_eval!r}: valid: none, lm-eval")
-        if not isinstance(self.grpo, dict):
+        if self.grpo:
+            check_grpo_settings(self.grpo)
+        elif not isinstance(self.grpo, dict):
             raise BenchError(f"bad grpo {self.grpo!r}: expected a mapping of GRPOConfig settings")
-        reserved = sorted(set(self.grpo) & RESERVED_GRPO)
-        if reserved:
-            raise BenchError(f"grpo setting(s) {', '.join(reserved)} are set by the harness or the method "
-                             "(use the run's own options)")
-        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+        check_reward(self.reward)
+        if not (_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1):
             raise BenchError(f"bad lora_dropout {self.lora_dropout!r}: must be in [0, 1)")
         for name in ("lr", "temperature"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise BenchError(f"bad {name} {value!r}: must be a number > 0")
+            if not _is_number(value) or not math.isfinite(value) or not value > 0:
+                raise BenchError(f"bad {name} {value!r}: must be a finite number > 0")
+        # a negative alpha flips the sign of every LoRA update; nan/inf poison the first step
+        if self.alpha is not None and not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise BenchError(f"bad alpha {self.alpha!r}: must be a finite number > 0 (or unset: alpha = rank)")
 
     @property
     def run_id(self) -> str:
@@ -128,7 +243,10 @@ class RunSpec:
 def stored_key(config: dict) -> str | None:
     """The key of a run recorded in config.json, under today's RunSpec (fields added since take their defaults),
     so that older run directories still match the same configuration."""
+    if not isinstance(config, dict):
+        return None
     try:
         return RunSpec.from_dict(config["spec"]).key()
-    except (KeyError, TypeError, BenchError):
-        return config.get("spec_key")
+    except (KeyError, TypeError, AttributeError, BenchError):
+        key = config.get("spec_key")
+        return key if isinstance(key, str) else None

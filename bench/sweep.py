@@ -48,15 +48,11 @@ def check_writable(out: Path) -> None:
 
 def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
     """Run the grid: in this process (jobs 1) or in `jobs` worker processes of cpu_count // jobs threads (a run
-    may pin fewer: runner.run_threads). Every run directory is checked before the first run starts. Runs that
-    another process is running (another invocation on the same --out) are left to it, said on stderr, and listed
-    in the returned table's attrs["held"]."""
+    may pin fewer: runner.run_threads). Runs that another process is running (another invocation on the same
+    --out) are left to it, said on stderr, and listed in the returned table's attrs["held"]."""
     from tqdm.auto import tqdm
 
-    from bench.runner import check_run_dir
     check_writable(out)
-    for spec in specs:  # a conflicting or unreadable run directory stops the sweep before any training
-        check_run_dir(spec, out / spec.run_id)
     held = []
 
     def finished(spec: RunSpec, summary: dict) -> None:
@@ -246,6 +242,47 @@ def _record_crash(spec: RunSpec, out: Path) -> dict:
                "error": "its worker process died (killed, e.g. out of memory, or crashed in native code)"}
     atomic_write_json(out / spec.run_id / "summary.json", summary)
     return summary
+
+
+_TEXT_COLUMNS = {"run_id", "method", "rank", "status", "error"}
+_CURVE_COLUMNS = ("kl_ref", "kl_ref_k3", "kl_step", "entropy", "entropy_probe", "reward")  # what reports plot
+
+
+def summary_problem(s) -> str | None:
+    """Why a parsed summary.json cannot be a run summary (wrong JSON types included), or None."""
+    if not isinstance(s, dict):
+        return f"not a run summary (a JSON {type(s).__name__}, not an object)"
+    if not isinstance(s.get("status"), str):
+        return f"not a run summary (status {s.get('status')!r})"
+    if not isinstance(s.get("method"), str):
+        return f"not a run summary (method {s.get('method')!r})"
+    rank = s.get("rank")
+    if not (rank == "full" or (isinstance(rank, (str, int)) and not isinstance(rank, bool)
+                               and str(rank).isdigit() and int(rank) > 0)):
+        return f"not a run summary (rank {rank!r} is not a positive integer or 'full')"
+    for column in SUMMARY_COLUMNS:
+        value = s.get(column)
+        if column not in _TEXT_COLUMNS and value is not None and (isinstance(value, bool)
+                                                                 or not isinstance(value, (int, float))):
+            return f"not a run summary ({column} {value!r} is not a number)"
+    return None
+
+
+def metrics_problem(rows) -> str | None:
+    """Why parsed metrics.jsonl lines cannot be metrics rows (objects with an integer step; the plotted metrics
+    numbers), or None."""
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            return f"line {i} is a JSON {type(row).__name__}, not an object"
+        if isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            return f"line {i}: step {row.get('step')!r} is not an integer"
+        bad = [k for k in _CURVE_COLUMNS if row.get(k) is not None and (isinstance(row[k], bool)
+                                                                         or not isinstance(row[k], (int, float)))]
+        if bad:
+            return f"line {i}: {bad[0]} {row[bad[0]]!r} is not a number"
+    return None
+
+
 def load_runs(out: Path, problems: list | None = None) -> pd.DataFrame:
     """One row per readable run summary; unreadable ones are named in `problems` and skipped."""
     rows = []
@@ -256,9 +293,9 @@ def load_runs(out: Path, problems: list | None = None) -> pd.DataFrame:
             if problems is not None:
                 problems.append(f"{summary}: unreadable ({type(e).__name__})")
             continue
-        if not isinstance(s, dict) or "status" not in s:
+        if why := summary_problem(s):
             if problems is not None:
-                problems.append(f"{summary}: not a run summary")
+                problems.append(f"{summary}: {why}")
             continue
         rows.append({c: s.get(c) for c in SUMMARY_COLUMNS})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
@@ -302,10 +339,11 @@ def markdown_tables(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def collect(out: Path) -> pd.DataFrame:
-    """(Re)build summary.csv and tables.md from whatever run directories exist; idempotent, atomic writes."""
+def collect(out: Path, problems: list | None = None) -> pd.DataFrame:
+    """(Re)build summary.csv and tables.md from whatever run directories exist; idempotent, atomic writes.
+    Unreadable run summaries are skipped (and named in `problems`)."""
     out = Path(out)
-    df = load_runs(out)
+    df = load_runs(out, problems)
     if df.empty:
         return df
     atomic_write_text(out / "summary.csv", df.to_csv(index=False))

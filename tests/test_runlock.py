@@ -51,6 +51,26 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path):
         pass
 
 
+def test_status_tells_a_running_local_run_from_a_stopped_one(tmp_path):
+    import json
+
+    from bench.slurm import sweep_status
+    from bench.spec import RunSpec
+    spec = RunSpec(method="kl_free_lora", rank=4)
+    run_dir = tmp_path / spec.run_id
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"spec": spec.to_dict(), "spec_key": spec.key()}))
+    child = _holder_process(run_dir)
+    try:
+        [row] = sweep_status(tmp_path)
+        assert (row["state"], row["detail"]) == ("running", f"locally, pid {child.pid} on {os.uname().nodename}")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    [row] = sweep_status(tmp_path)
+    assert row["state"] == "unfinished" and "stopped" in row["detail"]
+
+
 TIMING = {"step_seconds", "time_generation", "time_reference", "time_policy", "time_other", "time_metrics"}
 FIGURES = ["run_id", "status", "steps_done", "accuracy", "accuracy_base", "kl_ref", "kl_step", "entropy", "reward"]
 RUN = ["run", "--methods", "kl_free_lora", "--ranks", "4", "--seeds", "0,1", "--steps", "2", "--eval-size", "12",
