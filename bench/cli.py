@@ -306,14 +306,17 @@ def cmd_report(args) -> int:
     out = Path(args.sweep)
     if not out.is_dir():
         raise BenchError(f"{out}: no such sweep directory")
-    sweep, info = write_report(out)
+    if args.margin is not None and not 0 < args.margin < 100:
+        raise BenchError(f"bad --margin {args.margin:g}: accuracy points, between 0 and 100")
+    sweep, info = write_report(out, baseline=args.baseline, margin=None if args.margin is None else args.margin / 100)
     _report_problems(sweep.problems)
     if sweep.runs.empty:
         raise BenchError(f"{out}: nothing to report (no readable run summaries)")
     print(f"report: {out / 'report.html'}  ({len(sweep.runs)} runs, plots: {', '.join(info['plots']) or 'none'})")
     print(f"tables: {out / 'tables.md'}  claims: {out / 'claims.md'}")
     for c in info["claims"]:
-        print(f"  [{c.verdict}] {c.claim} ({c.statistic}; n={c.n})")
+        needs = f"; {c.needs}" if c.needs else ""
+        print(f"  [{c.verdict}{needs}] {c.claim} ({c.statistic}; n={c.n})")
     return 1 if sweep.problems else 0
 
 
@@ -499,6 +502,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("report", help="tables, plots, claims and a self-contained report.html for a sweep")
     s.add_argument("sweep")
+    s.add_argument("--baseline", default=None,
+                   help="method the others are compared with (probability of improvement, paired item differences; "
+                        "default kl_free_lora)")
+    s.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin of the claims' 'equal accuracy', in accuracy points (default 2)")
     s.set_defaults(func=cmd_report)
     s = sub.add_parser("leaderboard", help="one row per method x rank over seeds, merged over sweeps, as CSV")
     s.add_argument("sweeps", nargs="+")
