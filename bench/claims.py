@@ -97,6 +97,7 @@ class CheckResult:
     detectable: str = ""           # the smallest effect this design could detect
     seeds_needed: int | None = None
     n_ranks: int = 0
+    unsized: str = ""              # why seeds_needed is None
 
 
 @dataclass
@@ -162,7 +163,11 @@ def spearman_trend(table: pd.DataFrame, check: Check, alpha: float) -> CheckResu
         mde = stats.spearman_mde(t.n, alpha)
         detectable = f"|rho| >= {mde:.2f}" if math.isfinite(mde) else "not estimable"
     need = stats.spearman_n_needed(t.rho, alpha) if math.isfinite(t.rho) else None
-    return CheckResult(check, verdict, text, t.n, detectable, _seeds(need, n_ranks), n_ranks)
+    seeds = _seeds(need, n_ranks)
+    if seeds is not None:  # and enough seeds per rank that the exact test can reach alpha at all
+        while stats.spearman_min_p([seeds] * n_ranks) >= alpha:
+            seeds += 1
+    return CheckResult(check, verdict, text, t.n, detectable, seeds, n_ranks)
 
 
 def paired_t(table: pd.DataFrame, check: Check, alpha: float) -> CheckResult:
@@ -212,7 +217,9 @@ def tost(table: pd.DataFrame, check: Check, alpha: float) -> CheckResult:
     detectable = (f"equivalence within +-{100 * mde:.2g} points (true difference 0)" if math.isfinite(mde)
                   else "needs >= 2 pairs with spread")
     need = stats.tost_n_needed(e.mean, e.sd, m, alpha) if e.n >= 2 else None
-    return CheckResult(check, verdict, text, e.n, detectable, _seeds(need, n_ranks), n_ranks)
+    unsized = ("the observed difference is not inside the margin: more seeds would not show equivalence"
+               if abs(e.mean) >= m else "")
+    return CheckResult(check, verdict, text, e.n, detectable, _seeds(need, n_ranks), n_ranks, unsized)
 
 
 def non_inferiority(table: pd.DataFrame, check: Check, alpha: float) -> CheckResult:
@@ -275,6 +282,8 @@ def check_claims(table: pd.DataFrame, claims: list[Claim] | None = None, margin:
     """Every claim on the ok runs of `table` (columns method, rank, seed, context, status and the metrics), once per
     context (a sweep with one context gives one row per claim). margin: overrides every check's margin."""
     ok = table[table.status == "ok"] if "status" in table else table
+    needed = {c for claim in claims or CLAIMS for ch in claim.checks for c in (ch.metric, f"{ch.metric}_base")}
+    ok = ok.assign(**{c: math.nan for c in sorted(needed - set(ok.columns))})  # a metric never recorded: no value
     contexts = list(dict.fromkeys(ok["context"])) if "context" in ok and len(ok) else [""]
     out = []
     for context in contexts:
@@ -298,13 +307,17 @@ def _claim_result(claim: Claim, results: list[CheckResult], context: str) -> Cla
     needs = ""
     if verdict == "inconclusive":
         open_ = [r for r in ran if r.verdict == "inconclusive"]
-        seeds = [r.seeds_needed for r in open_]
-        if open_ and all(s is not None for s in seeds):
-            worst = max(open_, key=lambda r: r.seeds_needed)
-            needs = (f"the observed effect needs >= {worst.seeds_needed} seeds with {worst.n_ranks} "
-                     f"rank{'s' if worst.n_ranks != 1 else ''} (80% power)")
-        else:
-            needs = "no effect observed (or no spread to estimate one): more seeds cannot be sized"
+        sized = [r for r in open_ if r.seeds_needed is not None]
+        parts = []
+        if sized:
+            worst = max(sized, key=lambda r: r.seeds_needed)
+            parts.append(f"the observed effect needs >= {worst.seeds_needed} seeds with {worst.n_ranks} "
+                         f"rank{'s' if worst.n_ranks != 1 else ''} ({stats.POWER:.0%} power)")
+        for r in open_:
+            if r.seeds_needed is None:
+                parts.append(f"{r.check.metric}: " + (r.unsized or "no effect observed (or no spread to estimate "
+                                                                  "one): more seeds cannot be sized"))
+        needs = "; ".join(parts)
     return ClaimResult(claim.id, claim.statement, claim.source, claim.sentence, verdict, statistic,
                        max((r.n for r in ran), default=0), detectable, needs, context, results)
 

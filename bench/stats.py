@@ -377,7 +377,17 @@ def spearman_mde(n: int, alpha: float = 0.05, power: float = POWER) -> float:
 
 
 def spearman_n_needed(rho: float, alpha: float = 0.05, power: float = POWER) -> int | None:
-    if not 0 < abs(rho) < 1:
+    """Pairs a two-sided test needs to detect rho with the given power (Fisher-z approximation; at least 4)."""
+    if not 0 < abs(rho):
         return None
+    if abs(rho) >= 1:
+        return 4
     z = st.norm.ppf(1 - alpha / 2) + st.norm.ppf(power)
-    return int(math.ceil(3 + 1.06 * (z / math.atanh(abs(rho))) ** 2))
+    return max(4, int(math.ceil(3 + 1.06 * (z / math.atanh(abs(rho))) ** 2)))
+
+
+def spearman_min_p(group_sizes: list[int]) -> float:
+    """The smallest two-sided exact permutation p of Spearman's rho when x takes len(group_sizes) distinct values,
+    each group_sizes[i] times, and y has no ties: 2 x (orderings reaching the extreme rho) / n!."""
+    n = sum(group_sizes)
+    return min(1.0, 2 * math.prod(math.factorial(k) for k in group_sizes) / math.factorial(n))

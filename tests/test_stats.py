@@ -137,6 +137,10 @@ def test_spearman_sampled_p_is_never_zero_and_small_designs_say_so():
     assert t.p == pytest.approx(2 / 1000) and t.p > 0  # (0 + 1) / (999 + 1), both tails
     three = stats.spearman_test([4, 16, 64], [0.1, 0.2, 0.3])
     assert three.rho == pytest.approx(1.0) and three.p == pytest.approx(1 / 3) and three.min_p == pytest.approx(1 / 3)
+    x = [4, 4, 16, 16, 64, 64]  # 3 ranks x 2 seeds: the closed form against the enumerated null distribution
+    tied = stats.spearman_test(x, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert tied.min_p == pytest.approx(stats.spearman_min_p([2, 2, 2])) == pytest.approx(2 * 8 / 720)
+    assert tied.p == pytest.approx(_brute_spearman_p(x, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[1])
 
 
 def test_t_and_tost_against_hand_computation():
