@@ -126,6 +126,16 @@ def _pairs(table: pd.DataFrame, check: Check) -> pd.DataFrame:
         columns={f"{check.metric}_a": "a", f"{check.metric}_b": "b"})
 
 
+def _ambiguous(table: pd.DataFrame, check: Check) -> str:
+    """A method with several configurations in one context (e.g. two --method-param values) has two runs per
+    (rank, seed): they cannot be paired or pooled, so the check is skipped."""
+    for m in (check.method, check.baseline):
+        runs = table[table.method == m]
+        if m and runs.duplicated(["rank", "seed"]).any():
+            return f"{m} has several configurations here; check them in separate sweeps"
+    return ""
+
+
 def _missing(table: pd.DataFrame, check: Check) -> str:
     absent = [m for m in (check.method, check.baseline) if m and m not in set(table.method)]
     return f"needs {' and '.join(absent)} runs" if absent else ""
@@ -293,7 +303,9 @@ def check_claims(table: pd.DataFrame, claims: list[Claim] | None = None, margin:
             for check in claim.checks:
                 if margin is not None and check.margin is not None:
                     check = replace(check, margin=margin)
-                results.append(TESTS[check.test](runs, check, alpha))
+                ambiguous = _ambiguous(runs, check)
+                results.append(CheckResult(check, "skipped", ambiguous) if ambiguous else
+                               TESTS[check.test](runs, check, alpha))
             out.append(_claim_result(claim, results, context))
     return out
 

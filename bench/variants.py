@@ -75,7 +75,11 @@ def assign(runs: pd.DataFrame, specs: dict) -> pd.DataFrame:
         else:
             eval_n[row.key] = None
     settings = {k: (None if f is None else {**f, "eval_items": eval_n[k]}) for k, f in flat.items()}
-    runs["config_digest"] = [digest(settings[k]) if settings[k] is not None else "unknown" for k in runs.key]
+    # without a readable spec a run is known by its method, rank and eval items only: never merged across those
+    runs["config_digest"] = [digest(settings[row.key]) if settings[row.key] is not None else
+                             "unknown-" + digest({"method": row.method, "rank": str(row.rank),
+                                                  "eval_items": eval_n[row.key]})
+                             for row in runs.itertuples()]
     runs["variant"] = ""
     for method, g in runs.groupby("method", sort=False):
         known = [settings[k] for k in g.key if settings[k] is not None]

@@ -185,6 +185,9 @@ def test_combine_and_contexts_and_markdown():
     b = _table({"kl_free_lora": lambda r, s, rng: {"kl_ref": 1e-3 / r * (1 + 0.1 * s)}}, context="lr=0.0005")
     results = [r for r in C.check_claims(pd.concat([a, b])) if r.id == "kl_grows_with_rank"]
     assert [(r.context, r.verdict) for r in results] == [("lr=0.001", "supported"), ("lr=0.0005", "contradicted")]
+    twice = pd.concat([a, a.assign(kl_ref=a.kl_ref * 2)])  # two configurations of kl_free_lora in one context
+    res = _verdict(twice, "kl_grows_with_rank")
+    assert res.verdict == "skipped" and "kl_free_lora has several configurations here" in res.statistic
     failed = a.assign(status="failed")
     assert _verdict(failed, "kl_grows_with_rank").verdict == "skipped"  # only ok runs count
     md = C.claims_markdown(C.check_claims(a))

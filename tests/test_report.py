@@ -97,6 +97,11 @@ def test_leaderboard_intervals_columns_failed_and_merge(sweep, tmp_path):
     assert len(merged.notes) == 1 and "counted once" in merged.notes[0]
     row = leaderboard(merged).query("method == 'kl_free_lora' and rank == '16'").iloc[0]
     assert row.n_seeds == 4 and str(other) in row.sweeps  # same settings: one configuration, merged
+    for run in ("kl_grpo_r4_s0", "pissa_r16_s1"):
+        (sweep / run / "config.json").unlink()  # unknown settings: still never merged across method or rank
+    board = leaderboard(load_sweep(sweep))
+    assert len(board) == 17 and board.query("method == 'pissa' and rank == '16'").n_seeds.tolist() == [2, 1]
+    assert "config unknown" in set(board.variant)
 
 
 def test_different_settings_never_merge(tmp_path):
