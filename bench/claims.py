@@ -171,7 +171,7 @@ def spearman_trend(table: pd.DataFrame, check: Check, alpha: float) -> CheckResu
         detectable = f"no trend: the smallest p {t.n} runs can give is {_p(t.min_p)}"
     else:
         mde = stats.spearman_mde(t.n, alpha)
-        detectable = f"|rho| >= {mde:.2f}" if math.isfinite(mde) else "not estimable"
+        detectable = f"abs(rho) >= {mde:.2f}" if math.isfinite(mde) else "not estimable"
     need = stats.spearman_n_needed(t.rho, alpha) if math.isfinite(t.rho) else None
     seeds = _seeds(need, n_ranks)
     if seeds is not None:  # and enough seeds per rank that the exact test can reach alpha at all
@@ -201,12 +201,12 @@ def paired_t(table: pd.DataFrame, check: Check, alpha: float) -> CheckResult:
         text = (f"{check.metric} {vs}: ratio {math.exp(t.mean):.3g} (geometric mean over {t.n} pairs), "
                 f"paired t on log ratios p = {_p(t.p_two)}")
         mde = stats.t_mde(t.sd, t.n, alpha)
-        detectable = (f"ratios <= {math.exp(-mde):.3g} or >= {math.exp(mde):.3g}" if math.isfinite(mde)
+        detectable = (f"ratios <= {math.exp(-mde):.3f} or >= {math.exp(mde):.3f}" if math.isfinite(mde)
                       else "needs >= 2 pairs with spread")
     else:
         text = f"{check.metric} {vs}: difference {t.mean:+.3g} over {t.n} pairs, paired t p = {_p(t.p_two)}"
         mde = stats.t_mde(t.sd, t.n, alpha)
-        detectable = f"|difference| >= {mde:.3g}" if math.isfinite(mde) else "needs >= 2 pairs with spread"
+        detectable = f"abs(difference) >= {mde:.3g}" if math.isfinite(mde) else "needs >= 2 pairs with spread"
     need = stats.t_n_needed(t.mean, t.sd, alpha) if t.n >= 2 else None
     return CheckResult(check, verdict, text, t.n, detectable, _seeds(need, n_ranks), n_ranks)
 
@@ -342,9 +342,10 @@ def claims_markdown(results: list[ClaimResult], alpha: float = ALPHA) -> str:
              f"methods. Runs pair by (rank, seed); n counts pairs (or runs). 'Detectable' is the smallest effect the "
              f"sweep detects with {stats.POWER:.0%} power; 'needs' sizes the observed effect.", "",
              "| claim | source | verdict | statistic | detectable | n |", "|---|---|---|---|---|---|"]
+    cell = lambda text: str(text).replace("|", "/")  # noqa: E731  (a pipe would split the table's cell)
     for c in results:
-        verdict = f"**{c.verdict}**" + (f"; {c.needs}" if c.needs else "")
+        verdict = f"**{c.verdict}**" + (f"; {cell(c.needs)}" if c.needs else "")
         label = c.claim + (f" [{c.context}]" if c.context else "")
-        lines.append(f"| {label} | {c.source}: \"{c.sentence}\" | {verdict} | {c.statistic} | "
-                     f"{c.detectable or '-'} | {c.n} |")
+        lines.append(f"| {cell(label)} | {cell(c.source)}: \"{cell(c.sentence)}\" | {verdict} | "
+                     f"{cell(c.statistic)} | {cell(c.detectable or '-')} | {c.n} |")
     return "\n".join(lines) + "\n"

@@ -76,12 +76,12 @@ def accuracy_vs_kl(sweep, baseline):
     if ok.empty:
         return None
     cells = ok.groupby(["label", "rank"]).agg(kl_ref=("kl_ref", "mean"), accuracy=("accuracy", "mean"))
-    cells = cells.reset_index().dropna()
+    cells = cells.reset_index().dropna().rename(columns={"label": "method"})
     if cells.empty:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    sns.scatterplot(data=cells, x="kl_ref", y="accuracy", hue="label", style="rank", s=70, ax=ax,
-                    palette=_palette(list(dict.fromkeys(cells.label))))
+    sns.scatterplot(data=cells, x="kl_ref", y="accuracy", hue="method", style="rank", s=70, ax=ax,
+                    palette=_palette(list(dict.fromkeys(cells.method))))
     front = _pareto_front(cells)
     ax.plot(front.kl_ref, front.accuracy, color="black", lw=1, ls="--", label="Pareto front")
     if (cells.kl_ref > 0).all():

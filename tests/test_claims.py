@@ -61,7 +61,7 @@ def test_rank_claim_supported_contradicted_inconclusive_skipped():
     assert res.needs == "the observed effect needs >= 2 seeds with 3 ranks (80% power)"  # 2 x 2!^3 / 6! = 0.022
     flat = _table({"kl_free_lora": lambda r, s, rng: {"kl_ref": 1e-3 * (1 + _noise(rng, 0.3))}})
     res = _verdict(flat, "kl_grows_with_rank")
-    assert res.verdict == "inconclusive" and "|rho| >=" in res.detectable and "seeds" in res.needs
+    assert res.verdict == "inconclusive" and "abs(rho) >=" in res.detectable and "seeds" in res.needs
     one_rank = _table({"kl_free_lora": lambda r, s, rng: {"kl_ref": 1e-3}}, ranks=("16",))
     res = _verdict(one_rank, "kl_grows_with_rank")
     assert res.verdict == "skipped" and "needs kl_free_lora at >= 2 ranks" in res.statistic
@@ -193,4 +193,6 @@ def test_combine_and_contexts_and_markdown():
     md = C.claims_markdown(C.check_claims(a))
     assert "| claim | source | verdict | statistic | detectable | n |" in md and "**supported**" in md
     assert "[lr=0.001]" in md and "Rottman et al. 2026" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(rows) == 2 + len(C.CLAIMS) and {ln.count("|") for ln in rows} == {7}  # no cell splits the table
     assert " p = 0 " not in md and not any(math.isnan(r.n) for r in C.check_claims(a))
