@@ -77,6 +77,15 @@ def test_iqm_and_probability_of_improvement_match_rliable_and_brute_force():
     assert stats.iqm(ordered) == pytest.approx(ordered[3:9].mean())  # drop 3 of 12 on each side
 
 
+def test_iqm_across_strata_matches_exhaustive_enumeration():
+    table = pd.DataFrame({"m": ["a"] * 6, "r": ["4"] * 3 + ["16"] * 3, "v": [0.1, 0.5, 0.3, 0.6, 0.2, 0.45]})
+    row = stats.aggregate_intervals(table, "m", "r", "v").iloc[0]
+    strata = [table[table.r == k].v.tolist() for k in ("16", "4")]
+    assert row.point == pytest.approx(st.trim_mean(table.v, 0.25)) and (row.n, row.n_strata) == (6, 2)
+    _assert_percentile_bounds(row.ci_low, row.ci_high, _exact_distribution(strata, lambda s: st.trim_mean(
+        np.concatenate(s), 0.25)))
+
+
 def test_improvement_interval_matches_exhaustive_enumeration():
     table = pd.DataFrame({"m": ["a"] * 4 + ["b"] * 4, "r": ["4", "4", "16", "16"] * 2,
                           "v": [0.1, 0.3, 0.6, 0.2, 0.2, 0.25, 0.4, 0.5]})
