@@ -316,7 +316,8 @@ def cmd_report(args) -> int:
     print(f"tables: {out / 'tables.md'}  claims: {out / 'claims.md'}")
     for c in info["claims"]:
         needs = f"; {c.needs}" if c.needs else ""
-        print(f"  [{c.verdict}{needs}] {c.claim} ({c.statistic}; n={c.n})")
+        detectable = f"; detectable: {c.detectable}" if c.detectable else ""
+        print(f"  [{c.verdict}{needs}] {c.claim} ({c.statistic}; n={c.n}{detectable})")
     return 1 if sweep.problems else 0
 
 
