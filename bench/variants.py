@@ -86,7 +86,9 @@ def assign(runs: pd.DataFrame, specs: dict) -> pd.DataFrame:
         keys = sorted({k for s in known for k in s} - {"rank", "method"})
         differ = [k for k in keys
                   if len({json.dumps(s.get(k, "<absent>"), sort_keys=True, default=str) for s in known}) > 1]
-        if g.config_digest.nunique() < 2:
+        shapes = {"unknown" if settings[k] is None else digest({n: v for n, v in settings[k].items() if n != "rank"})
+                  for k in g.key}
+        if len(shapes) < 2:  # one configuration per rank: no variant to tell apart
             continue
         for idx, key in zip(g.index, g.key):
             s = settings[key]

@@ -102,6 +102,10 @@ def test_leaderboard_intervals_columns_failed_and_merge(sweep, tmp_path):
     board = leaderboard(load_sweep(sweep))
     assert len(board) == 17 and board.query("method == 'pissa' and rank == '16'").n_seeds.tolist() == [2, 1]
     assert "config unknown" in set(board.variant)
+    for config in sweep.glob("*/config.json"):
+        config.unlink()  # no configuration known at all (e.g. summaries copied alone): one row per method x rank
+    board = leaderboard(load_sweep(sweep))
+    assert len(board) == 15 and set(board.variant) == {""} and set(board.n_seeds) == {3}
 
 
 def test_different_settings_never_merge(tmp_path):
