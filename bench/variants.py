@@ -62,18 +62,16 @@ def assign(runs: pd.DataFrame, specs: dict) -> pd.DataFrame:
         flat[row.key] = None if spec is None else {k: v for k, v in _flat(spec).items()
                                                     if k.split(".")[0] not in NOT_SETTINGS}
     # eval items: recorded by ok runs; a run without the record takes its configuration's one value, if unique
-    eval_n = {}
-    by_spec: dict[str, set] = {}
-    for row in runs.itertuples():
-        if flat[row.key] is not None and pd.notna(row.eval_n):
-            by_spec.setdefault(digest(flat[row.key]), set()).add(int(row.eval_n))
+    def group(row):
+        return digest(flat[row.key]) if flat[row.key] is not None else f"unknown {row.method} {row.rank}"
+    by_group: dict[str, set] = {}
     for row in runs.itertuples():
         if pd.notna(row.eval_n):
-            eval_n[row.key] = int(row.eval_n)
-        elif flat[row.key] is not None and len(by_spec.get(digest(flat[row.key]), ())) == 1:
-            eval_n[row.key] = next(iter(by_spec[digest(flat[row.key])]))
-        else:
-            eval_n[row.key] = None
+            by_group.setdefault(group(row), set()).add(int(row.eval_n))
+    eval_n = {}
+    for row in runs.itertuples():
+        known = by_group.get(group(row), set())
+        eval_n[row.key] = int(row.eval_n) if pd.notna(row.eval_n) else next(iter(known)) if len(known) == 1 else None
     settings = {k: (None if f is None else {**f, "eval_items": eval_n[k]}) for k, f in flat.items()}
     # without a readable spec a run is known by its method, rank and eval items only: never merged across those
     runs["config_digest"] = [digest(settings[row.key]) if settings[row.key] is not None else
