@@ -220,7 +220,7 @@ def probability_of_improvement(sweep, baseline):
     ax.set_yticks(y, [f"{lab} (n={n})" for lab, n in zip(poi.label, poi.n)], fontsize=8)
     ax.set(xlim=(-0.02, 1.02), xlabel=f"P(accuracy of method > {base[0]}) at the same rank",
            title=f"Probability of improvement over {base[0]}")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")  # outside: never over an interval
     return fig
 
 
