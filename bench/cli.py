@@ -415,8 +415,11 @@ def cmd_report(args) -> int:
     out = Path(args.sweep)
     if not out.is_dir():
         raise BenchError(f"{out}: no such sweep directory")
+    if args.margin is not None and not 0 < args.margin < 100:
+        raise BenchError(f"bad --margin {args.margin:g}: accuracy points, between 0 and 100")
     try:
-        sweep, info = write_report(out)
+        sweep, info = write_report(out, baseline=args.baseline,
+                                   margin=None if args.margin is None else args.margin / 100)
     except OSError as e:
         raise BenchError(f"{out}: cannot write the report: {_os_error(e)}") from None
     _report_problems(sweep.problems)
@@ -425,7 +428,9 @@ def cmd_report(args) -> int:
     print(f"report: {out / 'report.html'}  ({len(sweep.runs)} runs, plots: {', '.join(info['plots']) or 'none'})")
     print(f"tables: {out / 'tables.md'}  claims: {out / 'claims.md'}")
     for c in info["claims"]:
-        print(f"  [{c.verdict}] {c.claim} ({c.statistic}; n={c.n})")
+        needs = f"; {c.needs}" if c.needs else ""
+        detectable = f"; detectable: {c.detectable}" if c.detectable else ""
+        print(f"  [{c.verdict}{needs}] {c.claim} ({c.statistic}; n={c.n}{detectable})")
     return 1 if sweep.problems else 0
 
 
@@ -629,6 +634,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("report", help="tables, plots, claims and a self-contained report.html for a sweep")
     s.add_argument("sweep")
+    s.add_argument("--baseline", default=None,
+                   help="method the others are compared with (probability of improvement, paired item differences; "
+                        "default kl_free_lora)")
+    s.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin of the claims' 'equal accuracy', in accuracy points (default 2)")
     s.set_defaults(func=cmd_report)
     s = sub.add_parser("leaderboard", help="one row per method x rank over seeds, merged over sweeps, as CSV")
     s.add_argument("sweeps", nargs="+")

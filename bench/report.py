@@ -1,29 +1,37 @@
-"""`bench report` and `bench leaderboard`: tables, seaborn plots, one self-contained report.html, a leaderboard CSV,
-and a check of the papers' qualitative claims against a sweep, with honest verdicts.
+"""`bench report` and `bench leaderboard`: assembles tables with intervals (bench.stats), the claims' verdicts
+(bench.claims), plots (bench.plots), one self-contained report.html and a leaderboard CSV. It names no method:
+which runs are baselines and what the papers claim is data in bench.claims.
 
-Everything is computed from the run directories (summary.json, metrics.jsonl, config.json); a corrupt or missing
-file is reported file by file and skipped, and the rest is reported.
+Everything is computed from the run directories (summary.json, metrics.jsonl, config.json, eval_final.jsonl); a
+corrupt or missing file is reported file by file and skipped, and the rest is reported. Runs group by configuration
+(bench.variants): runs that differ in any setting but the seed never share a row or a cell.
 """
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from bench import claims as claims_registry
+from bench import stats
 from bench.io import atomic_write_bytes, atomic_write_text
 from bench.spec import stored_key
 from bench.sweep import SUMMARY_COLUMNS, _rank_order, markdown_tables, metrics_problem, summary_problem
+from bench.variants import IDENTITY_COLUMNS, assign, label, normalized_spec
 
-# leaderboard CSV columns (stable; documented in README)
+# leaderboard CSV columns (stable; documented in README): the original ones, then identity and intervals
+CI_METRICS = [("accuracy", "accuracy"), ("accuracy_gain", "accuracy_gain"), ("kl_ref", "kl_ref"),
+              ("kl_step", "kl_step"), ("entropy_final", "entropy"), ("wall_clock_s", "wall_clock_s")]
 LEADERBOARD_COLUMNS = ["method", "rank", "n_seeds", "n_failed", "accuracy_mean", "accuracy_std", "accuracy_gain",
                        "kl_ref_mean", "kl_step_mean", "entropy_final", "wall_clock_s", "time_vs_kl_grpo",
-                       "trainable_params", "peak_mem_mb", "sweeps"]
+                       "trainable_params", "peak_mem_mb", "sweeps", "variant", "config_digest",
+                       *[f"{name}_ci_{end}" for name, _ in CI_METRICS for end in ("low", "high")]]
 
 
 @dataclass
@@ -33,6 +41,7 @@ class Sweep:
     configs: dict = field(default_factory=dict)          # run_id -> config.json
     problems: list = field(default_factory=list)         # "FILE: what is wrong" (skipped)
     notes: list = field(default_factory=list)            # e.g. duplicate runs of merged sweeps, counted once
+    items: dict = field(default_factory=dict)            # run key -> per-item correctness (pd.Series by item id)
 
 
 def _read_json(path: Path, problems: list):
@@ -98,290 +107,154 @@ def load_sweep(*dirs: Path) -> Sweep:
               "wall_clock_s", "trainable_params", "peak_mem_mb", "seed", "time_generation_s", "time_reference_s",
               "time_policy_s", "time_other_s", "reward", "eval_n"):
         runs[c] = pd.to_numeric(runs[c], errors="coerce")
-    return Sweep(runs, curves, configs, problems, notes)
+    runs = assign(runs, {k: normalized_spec(configs.get(k)) for k in runs.key})
+    runs["label"] = [label(m, v) for m, v in zip(runs.method, runs.variant)]
+    sweep = Sweep(runs, curves, configs, problems, notes)
+    sweep.items = load_items(sweep)
+    return sweep
+
+
+ITEMS_FILE = "eval_final.jsonl"   # per-item results of the final greedy eval (one JSON object per eval item)
+
+
+def load_items(sweep: Sweep) -> dict:
+    """run key -> pd.Series of strict correctness (0/1) indexed by item id, for ok runs whose eval_final.jsonl is
+    readable; an unreadable or malformed file is named in sweep.problems, a missing one is not (older sweeps)."""
+    out = {}
+    for key in sweep.runs[sweep.runs.status == "ok"].key:
+        path = Path(key) / ITEMS_FILE
+        if not path.is_file():
+            continue
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            ids = [r["id"] for r in rows]
+            correct = [r["correct_strict"] for r in rows]
+            if not all(isinstance(c, bool) for c in correct) or not all(isinstance(i, (str, int)) for i in ids):
+                raise ValueError("id must be a string or integer and correct_strict a boolean")
+            if len(set(map(str, ids))) != len(ids):
+                raise ValueError("duplicate item ids")
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            sweep.problems.append(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        out[key] = pd.Series([float(c) for c in correct], index=[str(i) for i in ids])
+    return out
 
 
 # ---- leaderboard -----------------------------------------------------------------------------------------------
 
 def leaderboard(sweep: Sweep) -> pd.DataFrame:
-    """One row per method x rank over seeds (ok runs); failed/diverged runs are counted in n_failed."""
+    """One row per configuration (method x rank x variant) over seeds (ok runs), each metric's mean with its seed-level
+    bootstrap interval (`<metric>_ci_low/high`, empty where n < stats.MIN_RUNS); failed/diverged runs are counted in
+    n_failed."""
     df = sweep.runs
     out = []
-    for (method, rank), g in df.groupby(["method", "rank"], sort=False):
+    for digest, g in df.groupby("config_digest", sort=False):
         ok = g[g.status == "ok"]
-        out.append({
-            "method": method, "rank": rank, "n_seeds": len(ok), "n_failed": int((g.status != "ok").sum()),
-            "accuracy_mean": ok.accuracy.mean(), "accuracy_std": ok.accuracy.std(ddof=1),
-            "accuracy_gain": ok.accuracy_gain.mean(), "kl_ref_mean": ok.kl_ref.mean(),
-            "kl_step_mean": ok.kl_step.mean(), "entropy_final": ok.entropy.mean(),
-            "wall_clock_s": ok.wall_clock_s.mean(), "trainable_params": ok.trainable_params.max(),
-            "peak_mem_mb": ok.peak_mem_mb.mean(), "sweeps": ";".join(sorted(set(g.sweep)))})
-    board = pd.DataFrame(out, columns=LEADERBOARD_COLUMNS)
-    kl_grpo = board[board.method == "kl_grpo"].set_index("rank").wall_clock_s
-    board["time_vs_kl_grpo"] = [row.wall_clock_s / kl_grpo[row.rank] if row.rank in kl_grpo.index else math.nan
-                                for row in board.itertuples()]
+        first = g.iloc[0]
+        row = {"method": first.method, "rank": first["rank"], "variant": first.variant, "config_digest": digest,
+               "n_seeds": len(ok), "n_failed": int((g.status != "ok").sum()),
+               "accuracy_mean": ok.accuracy.mean(), "accuracy_std": ok.accuracy.std(ddof=1),
+               "accuracy_gain": ok.accuracy_gain.mean(), "kl_ref_mean": ok.kl_ref.mean(),
+               "kl_step_mean": ok.kl_step.mean(), "entropy_final": ok.entropy.mean(),
+               "wall_clock_s": ok.wall_clock_s.mean(), "trainable_params": ok.trainable_params.max(),
+               "peak_mem_mb": ok.peak_mem_mb.mean(), "sweeps": ";".join(sorted(set(g.sweep))),
+               "context": first.context}
+        for name, column in CI_METRICS:
+            iv = stats.interval([ok[column].to_numpy(float)])
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = iv.low, iv.high
+        out.append(row)
+    board = pd.DataFrame(out, columns=[*LEADERBOARD_COLUMNS, "context"])
+    ref = board[board.method == claims_registry.TIME_BASELINE]
+    ref = ref[~ref.duplicated(["rank", "context"], keep=False)].set_index(["rank", "context"]).wall_clock_s
+    board["time_vs_kl_grpo"] = [row.wall_clock_s / ref[(row.rank, row.context)] if (row.rank, row.context) in ref.index
+                                else math.nan for row in board.itertuples()]
     board = board.sort_values(["accuracy_mean", "kl_ref_mean"], ascending=[False, True], na_position="last")
     return board.reset_index(drop=True)[LEADERBOARD_COLUMNS]
 
 
-# ---- claims ----------------------------------------------------------------------------------------------------
+# ---- tables beyond the method x rank ones -----------------------------------------------------------------------
 
-def sign_test_p(successes: int, n: int) -> float:
-    """One-sided exact sign test: P(X >= successes), X ~ Binomial(n, 1/2)."""
-    return sum(math.comb(n, k) for k in range(successes, n + 1)) / 2 ** n if n else 1.0
-
-
-def spearman_permutation(x: list, y: list) -> tuple[float, float]:
-    """Spearman's rho and its exact one-sided permutation p-value (P(rho' >= rho) over all orderings of y);
-    for n > 8, 20000 seeded random permutations."""
-    import random
-
-    def rho(a, b):
-        ra, rb = pd.Series(a).rank(), pd.Series(b).rank()
-        return float(ra.corr(rb)) if ra.std() > 0 and rb.std() > 0 else math.nan
-    r = rho(x, y)
-    if math.isnan(r):
-        return r, 1.0
-    n = len(y)
-    if n <= 8:
-        from itertools import permutations
-        perms = list(permutations(y))
-    else:
-        rng = random.Random(0)
-        perms = [rng.sample(list(y), n) for _ in range(20000)]
-    hits = sum(1 for p in perms if rho(x, p) >= r - 1e-12)
-    return r, hits / len(perms)
+def _fmt_iv(point, low, high, n, note, fmt="{:.3f}") -> str:
+    if not math.isfinite(point):
+        return f"- ({note})" if note else "-"
+    if math.isfinite(low) and math.isfinite(high):
+        return f"{fmt.format(point)} [{fmt.format(low)}, {fmt.format(high)}] ({n})"
+    return f"{fmt.format(point)} [{note}: no interval] ({n})"
 
 
-@dataclass
-class Claim:
-    claim: str
-    source: str
-    verdict: str
-    statistic: str
-    n: int
-
-
-def _verdict(direction_ok: bool, p: float, n: int, alpha: float = 0.05) -> str:
-    if n == 0:
-        return "inconclusive"
-    if direction_ok and p < alpha:
-        return "supported"
-    if not direction_ok and p < alpha:
-        return "not supported"
-    return "inconclusive"
-
-
-def _pairs(ok: pd.DataFrame, a: str, b: str, column: str) -> list[tuple]:
-    """(value_a, value_b) over (rank, seed, sweep) cells where both methods have an ok run."""
-    ia = ok[ok.method == a].set_index(["rank", "seed", "sweep"])[column]
-    ib = ok[ok.method == b].set_index(["rank", "seed", "sweep"])[column]
-    common = ia.index.intersection(ib.index)
-    return [(float(ia[k]), float(ib[k])) for k in common if pd.notna(ia[k]) and pd.notna(ib[k])]
-
-
-def check_claims(sweep: Sweep) -> list[Claim]:
+def aggregates_markdown(sweep: Sweep, baseline: str) -> str:
+    """IQM across seeds x ranks per method (stratified bootstrap over seeds within ranks), and the probability of
+    improvement over the baseline, with intervals."""
     ok = sweep.runs[sweep.runs.status == "ok"]
-    claims = []
-    # 1. Rottman et al.: policy divergence (KL to the initial policy) grows with LoRA rank, here for kl_free_lora
-    free = ok[(ok.method == "kl_free_lora") & (ok["rank"] != "full")].dropna(subset=["kl_ref"])
-    if len(free) >= 3 and free["rank"].nunique() >= 2:
-        r, p = spearman_permutation([int(x) for x in free["rank"]], list(free.kl_ref))
-        claims.append(Claim("KL to the initial policy grows with LoRA rank (kl_free_lora)", "Rottman et al. 2026",
-                            _verdict(r > 0, p, len(free)), f"Spearman rho = {r:+.2f}, one-sided permutation "
-                            f"p = {p:.3f}", len(free)))
+    if ok.empty:
+        return ""
+    lines = ["## Across ranks: IQM and probability of improvement", "",
+             f"IQM: interquartile mean of a method's runs over seeds x ranks; P(improve): probability that a run of "
+             f"the method beats a run of **{baseline}** at the same rank (rliable, Agarwal et al. 2021). Intervals: "
+             f"{stats.CONFIDENCE:.0%} stratified bootstrap over seeds within ranks ({stats.RESAMPLES} resamples, "
+             f"seed {stats.SEED}); (n) counts runs.", "",
+             "| method | accuracy IQM | accuracy gain IQM | P(improve accuracy) | P(lower kl_ref) |",
+             "|---|---|---|---|---|"]
+    acc = stats.aggregate_intervals(ok, "label", "rank", "accuracy").set_index("label")
+    gain = stats.aggregate_intervals(ok, "label", "rank", "accuracy_gain").set_index("label")
+    base_labels = list(dict.fromkeys(ok[ok.method == baseline].label))
+    poi = poi_kl = None
+    note = ""
+    if len(base_labels) == 1:
+        poi = stats.improvement_intervals(ok, "label", "rank", "accuracy", base_labels[0]).set_index("label")
+        neg = ok.assign(neg_kl=-ok.kl_ref)  # lower KL is the improvement
+        poi_kl = stats.improvement_intervals(neg, "label", "rank", "neg_kl", base_labels[0]).set_index("label")
     else:
-        claims.append(Claim("KL to the initial policy grows with LoRA rank (kl_free_lora)", "Rottman et al. 2026",
-                            "inconclusive", "needs kl_free_lora at >= 2 ranks", len(free)))
-    # 2. Rottman et al.: KL-free LoRA is faster than KL-penalized at equal accuracy (within noise)
-    times = _pairs(ok, "kl_free_lora", "kl_grpo", "wall_clock_s")
-    accs = _pairs(ok, "kl_free_lora", "kl_grpo", "accuracy")
-    if times:
-        faster = sum(a < b for a, b in times)
-        p = sign_test_p(faster, len(times))
-        ratio = sum(a / b for a, b in times) / len(times)
-        mean_diff = sum(a - b for a, b in accs) / len(accs) if accs else math.nan
-        pooled = sum((a + b) / 2 for a, b in accs) / len(accs) if accs else math.nan
-        n_items = _eval_items(sweep)
-        noise = 2 * math.sqrt(2 * pooled * (1 - pooled) / n_items / max(1, len(accs))) if n_items else math.nan
-        equal_acc = abs(mean_diff) <= noise if math.isfinite(noise) else False
-        verdict = _verdict(faster > len(times) / 2, p, len(times))
-        if verdict == "supported" and not equal_acc:
-            verdict = "not supported"
-        claims.append(Claim("KL-free LoRA trains faster than KL-penalized LoRA at equal accuracy within noise",
-                            "Rottman et al. 2026", verdict,
-                            f"faster in {faster}/{len(times)} pairs (sign test p = {p:.3f}), mean time ratio "
-                            f"{ratio:.2f}; accuracy difference {mean_diff:+.3f} vs noise +-{noise:.3f} "
-                            f"(2 binomial SE, {n_items} eval items)", len(times)))
-    else:
-        claims.append(Claim("KL-free LoRA trains faster than KL-penalized LoRA at equal accuracy within noise",
-                            "Rottman et al. 2026", "inconclusive", "needs kl_free_lora and kl_grpo runs", 0))
-    # 3. PROMA: per-step KL below GRPO's (kl_grpo) without entropy collapse
-    kls = _pairs(ok, "proma", "kl_grpo", "kl_step")
-    proma = ok[ok.method == "proma"].dropna(subset=["entropy", "entropy_base"])
-    if kls:
-        lower = sum(a < b for a, b in kls)
-        p = sign_test_p(lower, len(kls))
-        collapsed = int((proma.entropy < 0.5 * proma.entropy_base).sum())
-        verdict = _verdict(lower > len(kls) / 2, p, len(kls))
-        if collapsed:
-            verdict = "not supported"
-        claims.append(Claim("PROMA keeps per-step KL below GRPO's without entropy collapse", "Abrahamsen 2026",
-                            verdict, f"kl_step lower in {lower}/{len(kls)} pairs (sign test p = {p:.3f}), "
-                            f"median ratio {_median_ratio(kls):.2f}; entropy collapse (final < half of initial) in "
-                            f"{collapsed}/{len(proma)} proma runs", len(kls)))
-    else:
-        claims.append(Claim("PROMA keeps per-step KL below GRPO's without entropy collapse", "Abrahamsen 2026",
-                            "inconclusive", "needs proma and kl_grpo runs", 0))
-    # 4. GeoRA: accuracy at least that of PiSSA, MiLoRA and LoRA
-    parts, verdicts, total = [], [], 0
-    for other in ("pissa", "milora", "kl_free_lora"):
-        pairs = _pairs(ok, "geora", other, "accuracy")
-        if not pairs:
-            continue
-        worse = sum(a < b for a, b in pairs)
-        p_worse = sign_test_p(worse, len(pairs))
-        diff = sum(a - b for a, b in pairs) / len(pairs)
-        parts.append(f"vs {other}: mean diff {diff:+.3f}, geora lower in {worse}/{len(pairs)} "
-                     f"(sign test p = {p_worse:.3f})")
-        verdicts.append("not supported" if p_worse < 0.05 else ("supported" if worse == 0 and len(pairs) >= 5
-                                                                  else "inconclusive"))
-        total += len(pairs)
-    if parts:
-        verdict = "not supported" if "not supported" in verdicts else (
-            "supported" if all(v == "supported" for v in verdicts) else "inconclusive")
-        claims.append(Claim("GeoRA's accuracy is at least that of PiSSA, MiLoRA and LoRA", "Zhang et al. 2026",
-                            verdict, "; ".join(parts), total))
-    else:
-        claims.append(Claim("GeoRA's accuracy is at least that of PiSSA, MiLoRA and LoRA", "Zhang et al. 2026",
-                            "inconclusive", "needs geora and pissa/milora/kl_free_lora runs", 0))
-    return claims
-
-
-def _median_ratio(pairs) -> float:
-    ratios = sorted(a / b for a, b in pairs if b)
-    return ratios[len(ratios) // 2] if ratios else math.nan
-
-
-def _eval_items(sweep: Sweep) -> int:
-    """Eval items per run (summary.json's eval_n, read with the runs)."""
-    n = sweep.runs["eval_n"].max()
-    return int(n) if pd.notna(n) else 0
-
-
-def claims_markdown(claims: list[Claim]) -> str:
-    lines = ["## Claims of the papers, checked on this sweep", "",
-             "Verdicts: supported / not supported at one-sided p < 0.05 with the statistic shown, else inconclusive "
-             "(with few seeds and ranks most claims cannot reach significance; that is the honest answer).", "",
-             "| claim | source | verdict | statistic | n |", "|---|---|---|---|---|"]
-    lines += [f"| {c.claim} | {c.source} | **{c.verdict}** | {c.statistic} | {c.n} |" for c in claims]
+        note = ("not in this sweep" if not base_labels else f"{baseline} has several configurations here")
+    for lab in dict.fromkeys(ok.label):
+        cells = [_fmt_iv(*acc.loc[lab, ["point", "ci_low", "ci_high", "n", "note"]]),
+                 _fmt_iv(*gain.loc[lab, ["point", "ci_low", "ci_high", "n", "note"]], fmt="{:+.3f}")]
+        for table in (poi, poi_kl):
+            if table is None:
+                cells.append(f"- ({note})")
+            elif lab in table.index:
+                cells.append(_fmt_iv(*table.loc[lab, ["point", "ci_low", "ci_high", "n", "note"]], fmt="{:.2f}"))
+            else:
+                cells.append("(baseline)")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-# ---- plots -----------------------------------------------------------------------------------------------------
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def plots(sweep: Sweep) -> dict[str, bytes]:
-    """name -> PNG bytes. Plots that the sweep cannot support (e.g. one rank) are left out."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    ok = sweep.runs[sweep.runs.status == "ok"].copy()
-    out = {}
-    lora = ok[(ok["rank"] != "full") & (ok.kl_ref > 0)].copy()
-    if not lora.empty and lora["rank"].nunique() >= 2:
-        lora["rank_n"] = lora["rank"].astype(int)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, g in lora.groupby("method"):
-            mean = g.groupby("rank_n").kl_ref.mean()
-            label = method
-            if len(mean) >= 2:
-                slope = np.polyfit(np.log(mean.index.values), np.log(mean.values), 1)[0]
-                label = f"{method} (slope {slope:.2f})"
-            ax.plot(mean.index, mean.values, marker="o", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="LoRA rank", ylabel="kl_ref (final)",
-               title="KL to the initial policy vs rank (log-log; slope of the fitted line)")
-        ranks = sorted(lora.rank_n.unique())
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.minorticks_off()
-        ax.legend(fontsize=8)
-        out["kl_vs_rank"] = _png(fig)
-    if not ok.empty:
-        cells = ok.groupby(["method", "rank"]).agg(kl_ref=("kl_ref", "mean"), accuracy=("accuracy", "mean"))
-        cells = cells.reset_index().dropna()
-        if not cells.empty:
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            sns.scatterplot(data=cells, x="kl_ref", y="accuracy", hue="method", style="rank", s=70, ax=ax)
-            front = _pareto_front(cells)
-            ax.plot(front.kl_ref, front.accuracy, color="black", lw=1, ls="--", label="Pareto front")
-            if (cells.kl_ref > 0).all():
-                ax.set_xscale("log")
-            ax.set(xlabel="kl_ref (lower is more stable)", ylabel="greedy accuracy",
-                   title="Accuracy vs KL: the Pareto front (higher accuracy, lower KL)")
-            ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-            out["accuracy_vs_kl"] = _png(fig)
-    curve_rows = []
-    for row in ok.itertuples():
-        for r in sweep.curves.get(row.key, []):
-            if r.get("step", 0) > 0:
-                curve_rows.append({"method": row.method, "rank": row.rank, "step": r["step"],
-                                   "kl_step": r.get("kl_step"), "entropy": r.get("entropy"),
-                                   "reward": r.get("reward")})
-    if curve_rows:
-        curves = pd.DataFrame(curve_rows)
-        curves["run"] = curves.method + " r" + curves["rank"].astype(str)
-        for metric, log in (("kl_step", True), ("entropy", False), ("reward", False)):
-            data = curves.dropna(subset=[metric])
-            if data.empty:
+def paired_items_markdown(sweep: Sweep, baseline: str) -> str:
+    """Accuracy difference to the baseline at each rank on the eval items both evaluated, with a paired bootstrap
+    over items: eval noise only (a one-seed sweep gets an interval too), not seed-to-seed variation."""
+    ok = sweep.runs[sweep.runs.status == "ok"]
+    head = ["## Accuracy vs the baseline on shared eval items (eval noise only)", ""]
+    missing = [k for k in ok.key if k not in sweep.items]
+    if ok.empty or len(missing) == len(ok):
+        return "\n".join(head + [f"Paired statistics skipped: no run has per-item eval records ({ITEMS_FILE}; "
+                                 f"sweeps from before they were written lack them).", ""])
+    base = ok[ok.method == baseline]
+    if base.empty or base.label.nunique() != 1:
+        why = "is not in this sweep" if base.empty else "has several configurations here"
+        return "\n".join(head + [f"Paired statistics skipped: the baseline {baseline} {why}.", ""])
+    lines = head + [f"Difference in strict accuracy, method - **{baseline}**, averaged over each side's seeds, on the "
+                    f"items both evaluated; interval: {stats.CONFIDENCE:.0%} paired bootstrap over eval items "
+                    f"({stats.RESAMPLES} resamples, seed {stats.SEED}). It measures eval noise only, apart from the "
+                    f"seed-level intervals above; (n) counts items.", ""]
+    if missing:
+        lines += [f"{len(missing)} of {len(ok)} ok runs have no readable {ITEMS_FILE} and are left out here.", ""]
+    ranks = sorted({str(r) for r in ok["rank"]}, key=_rank_order)
+    lines += ["| method | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---|" + "---|" * len(ranks)]
+    for lab in dict.fromkeys(ok[ok.method != baseline].label):
+        cells = []
+        for r in ranks:
+            a = [sweep.items[k] for k in ok[(ok.label == lab) & (ok["rank"].astype(str) == r)].key if k in sweep.items]
+            b = [sweep.items[k] for k in base[base["rank"].astype(str) == r].key if k in sweep.items]
+            if not a or not b:
+                cells.append("-")
                 continue
-            if metric == "reward":  # logged on generation steps only; smooth over 5 points for readability
-                data = data.sort_values("step")
-                data[metric] = data.groupby("run")[metric].transform(lambda s: s.rolling(5, min_periods=1).mean())
-            fig, ax = plt.subplots(figsize=(8, 4.5))
-            sns.lineplot(data=data, x="step", y=metric, hue="method", style="rank", errorbar=None, ax=ax, lw=1)
-            if log and (data[metric] > 0).all():
-                ax.set_yscale("log")
-            ax.set(title=f"{metric} over optimizer steps (mean over seeds)")
-            ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-            out[f"{metric}_curves"] = _png(fig)
-    phases = ["time_generation_s", "time_reference_s", "time_policy_s", "time_other_s"]
-    if not ok.empty and ok[phases].notna().any().any():
-        t = ok.groupby(["method", "rank"])[phases].mean().reset_index()
-        t = t.sort_values(["method", "rank"], key=lambda s: s.map(_rank_order) if s.name == "rank" else s)
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(t)), 4.5))
-        bottom = np.zeros(len(t))
-        labels = t.method + " r" + t["rank"].astype(str)
-        for phase, color in zip(phases, sns.color_palette("deep", len(phases))):
-            values = t[phase].fillna(0).values
-            ax.bar(labels, values, bottom=bottom, label=phase.replace("time_", "").replace("_s", ""), color=color)
-            bottom += values
-        ax.set(ylabel="seconds (mean over seeds)", title="Training wall-clock by phase")
-        ax.tick_params(axis="x", rotation=75, labelsize=7)
-        ax.legend(fontsize=8)
-        out["wall_clock_phases"] = _png(fig)
-    return out
-
-
-def _pareto_front(cells: pd.DataFrame) -> pd.DataFrame:
-    """Cells not dominated by another (lower-or-equal KL and higher-or-equal accuracy, one strictly)."""
-    front = []
-    for i, a in cells.iterrows():
-        dominated = any((b.kl_ref <= a.kl_ref and b.accuracy >= a.accuracy and
-                         (b.kl_ref < a.kl_ref or b.accuracy > a.accuracy)) for j, b in cells.iterrows() if j != i)
-        if not dominated:
-            front.append(a)
-    return pd.DataFrame(front).sort_values("kl_ref")
+            ids = sorted(set.intersection(*[set(s.index) for s in a + b]))
+            iv = stats.paired_item_difference(np.array([s[ids].to_numpy() for s in a]),
+                                              np.array([s[ids].to_numpy() for s in b]))
+            cells.append(_fmt_iv(100 * iv.point, 100 * iv.low, 100 * iv.high, iv.n, iv.note, "{:+.1f}") + " pts")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -418,20 +291,12 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
 
 
-CAPTIONS = {"kl_vs_rank": "KL to the initial policy vs LoRA rank, log-log, per method with the fitted slope.",
-            "accuracy_vs_kl": "Final greedy accuracy vs kl_ref per method x rank; dashed: the Pareto front.",
-            "kl_step_curves": "Per-step KL (policy before vs after each optimizer step) over training.",
-            "entropy_curves": "Rollout entropy over training.",
-            "reward_curves": "Training reward over training (rolling mean of 5 logged values).",
-            "wall_clock_phases": "Training wall-clock split into generation, reference forward, policy "
-                                 "forward+backward and the rest."}
-
-
-def report_html(title: str, tables_md: str, claims_md: str, images: dict[str, bytes], config: dict,
+def report_html(title: str, tables_md: str, claims_md: str, images: dict[str, tuple[bytes, str]], config: dict,
                 problems: list[str]) -> str:
+    """images: name -> (PNG bytes, caption)."""
     figs = "\n".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>" for name, png in images.items())
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, (png, caption) in images.items())
     skipped = ("<h2>Skipped files</h2><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul>"
                if problems else "")
     # a tiny self-check the browser test reads: every image decoded and every table present
@@ -474,18 +339,24 @@ def common_config(sweep: Sweep) -> dict:
             "sweeps": sorted(set(sweep.runs.sweep))}
 
 
-def write_report(sweep_dir: Path) -> tuple[Sweep, dict]:
-    """tables.md, summary.csv, plots/*.png, claims.md and report.html in sweep_dir (the runs are read once)."""
+def write_report(sweep_dir: Path, baseline: str | None = None, margin: float | None = None) -> tuple[Sweep, dict]:
+    """tables.md, summary.csv, plots/*.png, claims.md and report.html in sweep_dir (the runs are read once).
+    baseline: the method others are compared with (default claims.IMPROVEMENT_BASELINE); margin: the equivalence
+    margin of the claims, in accuracy units (default claims.DEFAULT_MARGIN)."""
+    from bench.plots import render
     sweep_dir = Path(sweep_dir)
+    baseline = baseline or claims_registry.IMPROVEMENT_BASELINE
     sweep = load_sweep(sweep_dir)
     if sweep.runs.empty:
         return sweep, {}
-    atomic_write_text(sweep_dir / "summary.csv", sweep.runs[SUMMARY_COLUMNS].to_csv(index=False))  # as collect
-    tables_md = markdown_tables(sweep.runs)
-    claims = check_claims(sweep)
-    claims_md = claims_markdown(claims)
-    images = plots(sweep)
-    for name, png in images.items():
+    atomic_write_text(sweep_dir / "summary.csv",  # as collect
+                      sweep.runs[SUMMARY_COLUMNS + IDENTITY_COLUMNS].to_csv(index=False))
+    tables_md = "\n".join([markdown_tables(sweep.runs), aggregates_markdown(sweep, baseline),
+                           paired_items_markdown(sweep, baseline)])
+    claims = claims_registry.check_claims(sweep.runs, margin=margin)
+    claims_md = claims_registry.claims_markdown(claims)
+    images = render(sweep, baseline)
+    for name, (png, _) in images.items():
         atomic_write_bytes(sweep_dir / "plots" / f"{name}.png", png)
     atomic_write_text(sweep_dir / "tables.md", tables_md + "\n" + claims_md)
     atomic_write_text(sweep_dir / "claims.md", claims_md)

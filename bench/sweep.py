@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import tempfile
@@ -306,37 +305,77 @@ def _rank_order(rank: str):
 
 
 def _cell(values: pd.Series, fmt: str) -> str:
-    values = values.dropna().astype(float)
+    """`mean [low, high] (n)`: the mean over seeds with its 95% bootstrap interval (bench.stats), or the reason
+    there is none."""
+    from bench import stats
+    values = pd.to_numeric(values, errors="coerce").dropna().astype(float)
     if values.empty:
         return "-"
-    if len(values) == 1:
-        return fmt.format(values.iloc[0])
-    std = values.std(ddof=1)
-    return f"{fmt.format(values.mean())} ± {fmt.format(std).lstrip('+')}" if math.isfinite(std) else "-"
+    iv = stats.interval([values.to_numpy()])
+    f = lambda v: fmt.format(v)  # noqa: E731
+    if not iv.ok:
+        return f"{f(iv.point)} [{iv.note}: no interval] ({iv.n})"
+    return f"{f(iv.point)} [{f(iv.low)}, {f(iv.high)}] ({iv.n})"
 
 
 def markdown_tables(df: pd.DataFrame) -> str:
-    lines = ["# Sweep tables", "", "Rows: method; columns: LoRA rank. Cells: mean ± std over seeds (n = seeds with "
-             "status ok). Definitions: README, \"Metrics\".", ""]
+    """Method x rank tables of the ok runs; a method with several configurations (df's `variant`, from
+    bench.variants) gets one row per configuration."""
+    from bench import stats
+    from bench.variants import label
+    lines = ["# Sweep tables", "",
+             f"Rows: method (and its variant where runs of the method differ in a setting); columns: LoRA rank. Cells: "
+             f"mean [low, high] (n): the mean over seeds (n = seeds with status ok) and its {stats.CONFIDENCE:.0%} "
+             f"percentile bootstrap interval over seeds ({stats.RESAMPLES} resamples, seed {stats.SEED}); with fewer "
+             f"than {stats.MIN_RUNS} seeds the cell says so instead. With 3-5 seeds a percentile interval is "
+             f"narrower than its nominal coverage. Definitions: README, \"Metrics\".", ""]
+    df = df.assign(variant=df["variant"].fillna("") if "variant" in df else "")
     ok = df[df.status == "ok"]
     ranks = sorted({str(r) for r in df["rank"]}, key=_rank_order)
-    methods = list(dict.fromkeys(df["method"]))
+    rows = list(dict.fromkeys(zip(df["method"], df["variant"])))
     for column, title, fmt in TABLES:
         lines += [f"## {title}", "", "| method | " + " | ".join(f"r={r}" for r in ranks) + " |",
                   "|---|" + "---|" * len(ranks)]
-        for m in methods:
-            cells = [_cell(ok[(ok.method == m) & (ok["rank"].astype(str) == r)][column], fmt) for r in ranks]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        for m, v in rows:
+            mine = ok[(ok.method == m) & (ok.variant == v)]
+            cells = [_cell(mine[mine["rank"].astype(str) == r][column], fmt) for r in ranks]
+            lines.append(f"| {label(m, v)} | " + " | ".join(cells) + " |")
         lines.append("")
-    base = ok["accuracy_base"].dropna()
+    base = pd.to_numeric(ok["accuracy_base"], errors="coerce").dropna()
     if not base.empty:
-        lines += [f"Base policy accuracy: {base.mean():.3f} (same initial policy for every run).", ""]
+        values = ", ".join(f"{b:.3f}" for b in sorted(set(base.round(6))))
+        lines += [f"Base policy accuracy: {values} (the initial policy; one value per eval set and starting "
+                  f"weights).", ""]
     bad = df[df.status != "ok"]
     if not bad.empty:
         lines += ["## Runs not ok", "", "| run | status | error |", "|---|---|---|"]
         lines += [f"| {r.run_id} | {r.status} | {r.error or ''} |" for r in bad.itertuples()]
         lines.append("")
     return "\n".join(lines)
+
+
+def run_identity(out: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """df (load_runs) with config_digest, variant and context from each run's config.json (bench.variants); a run
+    whose config.json is missing or unreadable gets config_digest `unknown`."""
+    from bench.variants import assign, normalized_spec
+    keys, specs = [], {}
+    for run_id in df.run_id:
+        key = str(Path(out) / str(run_id))
+        keys.append(key)
+        try:
+            specs[key] = normalized_spec(read_json(Path(key) / "config.json"))
+        except (OSError, ValueError):
+            specs[key] = None
+    eval_n = [_eval_n(Path(k)) for k in keys]
+    return assign(df.assign(key=keys, eval_n=eval_n), specs).drop(columns=["key"])
+
+
+def _eval_n(run_dir: Path):
+    try:
+        n = read_json(run_dir / "summary.json").get("eval_n")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def collect(out: Path, problems: list | None = None) -> pd.DataFrame:
@@ -346,6 +385,8 @@ def collect(out: Path, problems: list | None = None) -> pd.DataFrame:
     df = load_runs(out, problems)
     if df.empty:
         return df
-    atomic_write_text(out / "summary.csv", df.to_csv(index=False))
+    from bench.variants import IDENTITY_COLUMNS
+    df = run_identity(out, df)
+    atomic_write_text(out / "summary.csv", df[SUMMARY_COLUMNS + IDENTITY_COLUMNS].to_csv(index=False))
     atomic_write_text(out / "tables.md", markdown_tables(df))
     return df
