@@ -3,12 +3,13 @@
 Overrides observe: `_generate` (generation time, tokens), `_get_per_token_logps_and_entropies` (reference vs
 policy forward time), `_prepare_inputs` (the step's rollouts for kl_step) and `training_step` (policy
 forward+backward time; kl_step's pre-step distribution, read from the training forward's final hidden states).
-One is a declared extension point for methods whose loss TRL lacks: `per_token_loss` (see `install_loss_hook`).
+`_compute_loss` is a declared extension point for methods whose loss TRL lacks: a per-token term added to TRL's
+per-token loss (`install_loss_hook`).
 Two save work without changing what TRL computes: each micro-batch drops its all-padding completion columns (TRL pads
 a whole generation batch to its longest completion), and the "old" log-prob forward, which TRL runs over a whole
 generation batch, runs only for the micro-batches of later optimizer steps: those of the first step are scored by
 the very parameters that sampled them, where TRL's loss uses the current log-probs (ratio 1).
-The loss, the sampler and the optimizer are TRL's.
+The loss (plus a method's declared per-token term), the sampler and the optimizer are TRL's.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import trl
 from trl import GRPOConfig, GRPOTrainer
 
 from bench.errors import BenchError
-
 from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
 from bench.threads import torch_threads
@@ -294,7 +294,7 @@ class BenchGRPOTrainer(GRPOTrainer):
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _compute_loss(self, model, inputs):
-        if self.loss_hook is None:
+        if self.loss_hook is None or not torch.is_grad_enabled():  # (an evaluation loss is TRL's alone)
             return super()._compute_loss(model, inputs)
         self._loss_forward = ()
         try:
