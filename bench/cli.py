@@ -517,11 +517,17 @@ def cmd_list(args) -> int:
     print("presets (bench run --preset NAME):")
     for name in preset_names():
         print(f"  {name:18s} {preset_summary(name)}")
-    print("methods:")
+    print("methods (by family; compose with +, e.g. geora+dapo):")
+    families: dict[str, list] = {}
     for name, m in METHODS.items():
-        print(f"  {name:14s} {m.summary}")
+        families.setdefault(m.family or "other", []).append((name, m.summary))
     for name, m in COMPONENTS.items():
-        print(f"  {'+' + name:14s} {m.summary} (compose, e.g. METHOD+{name})")
+        families.setdefault(m.family or "other", []).append(
+            (f"+{name}", f"{m.summary} (compose, e.g. METHOD+{name})"))
+    for family, members in families.items():
+        print(f"  {family}:")
+        for name, summary in members:
+            print(f"    {name:16s} {summary}")
     return 0
 
 

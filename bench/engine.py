@@ -3,21 +3,27 @@
 Overrides observe: `_generate` (generation time, tokens), `_get_per_token_logps_and_entropies` (reference vs
 policy forward time), `_prepare_inputs` (the step's rollouts for kl_step) and `training_step` (policy
 forward+backward time; kl_step's pre-step distribution, read from the training forward's final hidden states).
+`_compute_loss` is a declared extension point for methods whose loss TRL lacks: a per-token term added to TRL's
+per-token loss (`install_loss_hook`).
 Two save work without changing what TRL computes: each micro-batch drops its all-padding completion columns (TRL pads
 a whole generation batch to its longest completion), and the "old" log-prob forward, which TRL runs over a whole
 generation batch, runs only for the micro-batches of later optimizer steps: those of the first step are scored by
 the very parameters that sampled them, where TRL's loss uses the current log-probs (ratio 1).
-The loss, the sampler and the optimizer are TRL's.
+The loss (plus a method's declared per-token term), the sampler and the optimizer are TRL's.
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import trl
 from trl import GRPOConfig, GRPOTrainer
 
+from bench.errors import BenchError
 from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
 from bench.threads import torch_threads
@@ -102,6 +108,62 @@ def trim_padding(mb: dict) -> None:
             mb[k] = v[:, :keep_to]
 
 
+# ---- the per-token loss extension point ----------------------------------------------------------------------------
+
+@dataclass
+class LossTerms:
+    """What TRL's `_compute_loss` sees for one micro-batch, from its own training forward (no second forward)."""
+    logps: torch.Tensor       # [B, T] current per-token log-probs, with gradient
+    old_logps: torch.Tensor   # [B, T] the sampling policy's (TRL: the current ones, detached, where the batch has none)
+    advantages: torch.Tensor  # [B, 1]
+    mask: torch.Tensor        # [B, T] TRL's loss mask (completion_mask, times tool_mask where present)
+    entropies: torch.Tensor   # [B, T] per-token entropies
+
+
+# TRL 1.16 `GRPOTrainer._compute_loss` aggregates the per-token policy loss by loss type; `aggregate_policy_term`
+# mirrors it for a term added to that per-token loss. Pinned: another TRL version must be re-read before use.
+AGGREGATED_TRL = "1.16.0"
+
+
+def aggregate_policy_term(trainer, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """sum over tokens of `per_token`, normalized exactly as TRL 1.16 normalizes its per-token policy loss (for the
+    trainer's loss_type, gradient accumulation and the vLLM importance-sampling correction). Linear in `per_token`,
+    so TRL's loss + this = the aggregate of (TRL's per-token loss + per_token)."""
+    if trl.__version__ != AGGREGATED_TRL:
+        raise BenchError(f"the per-token loss hook mirrors TRL {AGGREGATED_TRL}'s loss aggregation; installed: "
+                         f"{trl.__version__}")
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction and trainer.loss_type != "vespo":
+        per_token = per_token * inputs["importance_sampling_ratio"]
+    train = trainer.model.training
+    accumulation = trainer.current_gradient_accumulation_steps if train else 1.0
+    x = per_token * mask
+    if trainer.loss_type in ("grpo", "sapo"):
+        return (x.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+    if trainer.loss_type == "bnpo":
+        return x.sum() / mask.sum().clamp(min=1.0) / accumulation
+    if trainer.loss_type == "dr_grpo":
+        return x.sum() / (x.size(0) * trainer.max_completion_length) / accumulation
+    if trainer.loss_type in ("cispo", "dapo", "vespo"):
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        if train:
+            normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+        return x.sum() / normalizer
+    if trainer.loss_type == "luspo":
+        return x.sum(-1).mean() / accumulation
+    raise BenchError(f"per-token loss hook: unknown loss_type {trainer.loss_type!r}")
+
+
+def install_loss_hook(trainer, hook: Callable) -> None:
+    """Declare `hook(trainer, terms: LossTerms) -> [B, T] tensor | None`: a per-token term added to TRL's per-token
+    policy loss on every training micro-batch, aggregated like it (`aggregate_policy_term`). One per trainer: two
+    would each see TRL's loss but not the other's term."""
+    if not isinstance(trainer, BenchGRPOTrainer):
+        raise BenchError("a per-token loss hook needs bench.engine.BenchGRPOTrainer")
+    if trainer.loss_hook is not None:
+        raise BenchError("two per-token loss hooks on one trainer (e.g. kl_cov+clip_cov): combine at most one")
+    trainer.loss_hook = hook
+
+
 class BenchGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, step_kl: StepKL | None = None, forward_threads: int | None = None, **kwargs):
         self.phase_seconds: dict[str, float] = defaultdict(float)
@@ -116,6 +178,8 @@ class BenchGRPOTrainer(GRPOTrainer):
         self.method_summary: dict = {}  # what a method's hooks report into summary.json (see note())
         self.log_path = None            # the run's run.log
         self.run_id = "run"
+        self.loss_hook: Callable | None = None  # install_loss_hook: the per-token loss extension point
+        self._loss_forward = None       # (logps, entropies) of the training forward, while a loss hook waits for them
         super().__init__(*args, **kwargs)
 
     def note(self, message: str, **fields) -> None:
@@ -156,7 +220,10 @@ class BenchGRPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         if torch.is_grad_enabled():  # the training forward: timed as part of training_step
-            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+            out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+            if self._loss_forward is not None:  # inside _compute_loss with a loss hook: keep what TRL's loss uses
+                self._loss_forward = out[:2]
+            return out
         reference = self._is_reference_forward(model)
         if self._skip_old_logps and not reference:  # TRL's old-log-prob forward (the first policy one): deferred
             self._skip_old_logps = False
@@ -225,6 +292,26 @@ class BenchGRPOTrainer(GRPOTrainer):
         # the training forward; its backward runs afterwards (Trainer.training_step) at the run's own thread count
         with torch_threads(self.forward_threads):
             return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _compute_loss(self, model, inputs):
+        if self.loss_hook is None or not torch.is_grad_enabled():  # (an evaluation loss is TRL's alone)
+            return super()._compute_loss(model, inputs)
+        self._loss_forward = ()
+        try:
+            loss = super()._compute_loss(model, inputs)  # TRL's loss, from one training forward
+            logps, entropies = self._loss_forward
+        finally:
+            self._loss_forward = None
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        old = inputs.get("old_per_token_logps")
+        advantages = inputs["advantages"]
+        terms = LossTerms(logps=logps, old_logps=logps.detach() if old is None else old, mask=mask,
+                          advantages=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages,
+                          entropies=entropies)
+        extra = self.loss_hook(self, terms)
+        return loss if extra is None else loss + aggregate_policy_term(self, extra, mask, inputs)
 
     def training_step(self, model, inputs, num_items_in_batch):
         t0, prep0 = time.perf_counter(), self._prep_seconds

@@ -24,6 +24,7 @@ class Method:
     name: str
     summary: str
     cite: str = ""
+    family: str = ""                            # what `bench list` groups by (e.g. "loss variant")
     beta: float | None = None                   # KL coefficient toward the initial policy (None: unset -> 0)
     grpo_overrides: dict = field(default_factory=dict)
     init_lora_weights: bool | str | Callable | None = None  # PEFT initializer, or f(params) -> one (None: True)
@@ -79,8 +80,8 @@ def _merge(a: Method, b: Method) -> Method:
     merged = {}
     for f in fields(Method):
         va, vb = getattr(a, f.name), getattr(b, f.name)
-        if f.name in ("name", "summary", "cite"):
-            merged[f.name] = f"{va}+{vb}" if f.name == "name" else f"{va}; {vb}"
+        if f.name in ("name", "summary", "cite", "family"):
+            merged[f.name] = f"{va}+{vb}" if f.name in ("name", "family") else f"{va}; {vb}"
         elif f.name == "trainer_hooks":
             merged[f.name] = tuple(va) + tuple(vb)
         elif f.name == "check_params" and va is not None and vb is not None and va is not vb:
@@ -122,3 +123,4 @@ def method_names(spec: str) -> list[str]:
 
 
 from methods import lora_grpo, proma, svd_init  # noqa: E402,F401  (register)
+from methods import loss_variants, entropy, covariance  # noqa: E402,F401  (register; after the adapter methods)

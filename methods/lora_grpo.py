@@ -22,15 +22,16 @@ def check_beta(params: dict) -> None:
 
 
 register(Method(
-    name="kl_grpo",
+    name="kl_grpo", family="KL penalty",
     summary="LoRA GRPO, clipped surrogate + KL penalty toward the initial policy (beta 0.04)",
     cite=CITE, beta=0.04, params={"beta": 0.04}, check_params=check_beta))
 
 register(Method(
-    name="kl_free_lora",
+    name="kl_free_lora", family="KL-free LoRA",
     summary="LoRA GRPO without KL penalty (beta 0): no reference forward passes",
     cite=CITE, beta=0.0))
 
 # `+kl` adds the KL penalty to any method (e.g. geora+kl); it is a component, not a method of its own.
-register(Method(name="kl", summary="KL penalty toward the initial policy (beta 0.04)", cite=CITE, beta=0.04,
+register(Method(name="kl", family="KL penalty",
+                summary="KL penalty toward the initial policy (beta 0.04)", cite=CITE, beta=0.04,
                 params={"beta": 0.04}, check_params=check_beta), component_only=True)

@@ -283,6 +283,8 @@ def check_trainer(trainer) -> None:
             problems.append(f"{name}")
     if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
         problems.append("top_entropy_quantile < 1")
+    if getattr(trainer, "loss_hook", None) is not None:  # bench.engine's per-token loss term (kl_cov, clip_cov)
+        problems.append("a per-token loss hook")
     if getattr(trainer, "aux_loss_enabled", False):
         problems.append("an auxiliary (MoE) loss")
     if problems:
@@ -356,15 +358,17 @@ def check_params(params: dict) -> None:
 NO_CLIPPING = {"epsilon": 1e9}  # the author's "pure" runs: clip ratios 1e9
 
 register(Method(
-    name="proma", summary="PROMA: running gradient projected off each micro-batch's sequence gradients "
+    name="proma", family="PROMA", summary="PROMA: running gradient projected off each micro-batch's sequence gradients "
     "(no KL, no clipping)", cite=CITE, beta=0.0, grpo_overrides=NO_CLIPPING, trainer_hooks=(install_proma,),
     check_params=check_params,
     params={"mode": "approx", "sweeps": 2, "ridge": 1e-2, "cap": 0.5, "shrinkage": 1.0}))
 register(Method(
-    name="proma_intra", summary="Intra-PROMA: each micro-batch gradient loses its block in the top-k activation x "
+    name="proma_intra", family="PROMA",
+    summary="Intra-PROMA: each micro-batch gradient loses its block in the top-k activation x "
     "output-gradient subspaces (reconstructed; no KL, no clipping)", cite=CITE, beta=0.0,
     grpo_overrides=NO_CLIPPING, trainer_hooks=(install_proma_intra,), check_params=check_params,
     params={"k": 100, "power_iters": 1, "oversample": 8, "shrinkage": 1.0}))
 register(Method(
-    name="unclipped_lora", summary="LoRA GRPO with neither KL nor ratio clipping: PROMA's baseline without the "
+    name="unclipped_lora", family="KL-free LoRA",
+    summary="LoRA GRPO with neither KL nor ratio clipping: PROMA's baseline without the "
     "projection", cite=CITE, beta=0.0, grpo_overrides=NO_CLIPPING))

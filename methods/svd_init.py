@@ -24,6 +24,7 @@ import torch
 from bench.errors import BenchError
 from methods import Method, register
 
+FAMILY = "SVD-initialized adapter"
 EXACT_MAX_DIM = 512  # "auto": exact SVD when the smaller side is at most this, randomized above
 
 
@@ -109,12 +110,15 @@ def pissa_initializer(params: dict) -> str:
 
 
 GEORA = "Zhang et al. GeoRA: Geometry-Aware Low-Rank Adaptation for RLVR. ACL 2026 (arXiv 2601.09361)"
-register(Method(name="geora", summary="GeoRA: adapters from the top-r SVD of the geometry-masked weight; "
+register(Method(name="geora", family=FAMILY,
+                summary="GeoRA: adapters from the top-r SVD of the geometry-masked weight; "
                 "residual frozen (rho 0.2)", cite=GEORA, adapter_init=geora_init, check_params=check_params,
                 params={"rho": 0.2, "svd": "auto", "niter": 4}))
-register(Method(name="pissa", summary="PiSSA: adapters from the top-r SVD of W (PEFT's initializer); residual frozen",
+register(Method(name="pissa", family=FAMILY,
+                summary="PiSSA: adapters from the top-r SVD of W (PEFT's initializer); residual frozen",
                 cite="Meng et al. PiSSA. NeurIPS 2024 (arXiv 2404.02948)", init_lora_weights=pissa_initializer,
                 check_params=check_params, params={"svd": "exact", "niter": 4}))
-register(Method(name="milora", summary="MiLoRA: adapters from the minor r singular triplets of W; principal "
+register(Method(name="milora", family=FAMILY,
+                summary="MiLoRA: adapters from the minor r singular triplets of W; principal "
                 "part frozen", cite="Wang et al. MiLoRA. NAACL 2025 (arXiv 2406.09044)",
                 adapter_init=milora_init))

@@ -227,3 +227,46 @@ def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
         if complete:
             (ckpt / "trainer_state.json").write_text("{}")
     assert _latest_checkpoint(tmp_path).name == "checkpoint-10"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_per_token_loss_hook_is_aggregated_as_trl_aggregates_its_policy_term(bench_and_batch, loss_type):
+    """A hook returning minus TRL's own per-token policy loss cancels TRL's loss and every gradient exactly: the
+    hook's term is normalized as TRL 1.16 normalizes that loss type (a different rule would leave a residue)."""
+    from bench.engine import install_loss_hook
+    b, micro = bench_and_batch
+    t = b.trainer
+    mb = dict(micro[-1])
+    g = torch.Generator().manual_seed(0)
+    mb["old_per_token_logps"] = mb["old_per_token_logps"] + 0.3 * torch.randn(mb["old_per_token_logps"].shape,
+                                                                              generator=g)  # clipping is live
+    mb["advantages"] = torch.randn(mb["advantages"].shape, generator=g)
+
+    def minus_trl(trainer, terms):
+        rho = torch.exp(terms.logps - terms.old_logps)
+        clipped = torch.clamp(rho, 1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
+        return torch.minimum(rho * terms.advantages, clipped * terms.advantages)
+    saved = t.loss_type
+    try:
+        t.loss_type = loss_type
+        loss, grads = _loss_and_grads(b, mb)
+        install_loss_hook(t, minus_trl)
+        cancelled, residue = _loss_and_grads(b, mb)
+    finally:
+        t.loss_type, t.loss_hook = saved, None
+    assert abs(float(loss)) > 1e-4 and abs(float(cancelled)) < 1e-6 * max(1.0, abs(float(loss)))
+    for name, g0 in grads.items():
+        assert residue[name].norm() <= 1e-5 * g0.norm() + 1e-12, name
+    assert sum(float(g0.norm()) for g0 in grads.values()) > 0
+
+
+def test_per_token_loss_hook_is_one_per_trainer(bench_and_batch):
+    from bench.engine import install_loss_hook
+    from bench.errors import BenchError
+    b, _ = bench_and_batch
+    try:
+        install_loss_hook(b.trainer, lambda trainer, terms: None)
+        with pytest.raises(BenchError, match="two per-token loss hooks"):
+            install_loss_hook(b.trainer, lambda trainer, terms: None)
+    finally:
+        b.trainer.loss_hook = None
