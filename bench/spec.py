@@ -99,6 +99,19 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise BenchError(f"bad {name} {value!r}: must be a number > 0")
+        self._check_method_grpo()
+
+    def _check_method_grpo(self) -> None:
+        """The method's check of the run's effective TRL settings (e.g. PROMA refuses ratio clipping), before any
+        training: a refusal is a one-line error."""
+        from methods import get_method
+        method = get_method(self.method)
+        if method.check_grpo is not None:
+            from bench.engine import effective_grpo, grpo_settings
+            try:
+                method.check_grpo(effective_grpo(grpo_settings(self, method)))
+            except BenchError as e:
+                raise BenchError(f"method {self.method!r} with these grpo settings: {e}") from None
 
     @property
     def run_id(self) -> str:
