@@ -30,7 +30,31 @@ from bench.threads import torch_threads
 
 
 def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat: bool, use_cpu: bool) -> GRPOConfig:
-    """Every default that silently changes the algorithm is set explicitly (ecosystem.md section 8)."""
+    """The run's GRPOConfig, after the method's check of its settings (also done earlier, by RunSpec)."""
+    kwargs = grpo_settings(spec, method, output_dir, reward_weights, chat, use_cpu)
+    if method.check_grpo is not None:
+        method.check_grpo(effective_grpo(kwargs))
+    return GRPOConfig(**kwargs)
+
+
+def effective_grpo(settings: dict) -> dict:
+    """Every GRPOConfig field of TRL 1.16: the value in `settings`, else TRL's default."""
+    from dataclasses import MISSING
+    out = {}
+    for name, f in GRPOConfig.__dataclass_fields__.items():
+        if name in settings:
+            out[name] = settings[name]
+        elif f.default is not MISSING:
+            out[name] = f.default
+        elif f.default_factory is not MISSING:
+            out[name] = f.default_factory()
+    return out
+
+
+def grpo_settings(spec, method, output_dir: str = "", reward_weights: list[float] | None = None, chat: bool = False,
+                  use_cpu: bool = True) -> dict:
+    """The GRPOConfig keyword arguments of a run. Every default that silently changes the algorithm is set
+    explicitly (ecosystem.md section 8)."""
     kwargs = dict(
         output_dir=output_dir,
         # objective (shared/seeds/001): per-sequence token mean, group-normalized advantages (std + 1e-4)
@@ -61,7 +85,7 @@ def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat
         kwargs["chat_template_kwargs"] = {"enable_thinking": False}
     kwargs.update(spec.grpo)              # a preset's or user's extra TRL settings (checked in bench.spec)
     kwargs.update(method.grpo_overrides)  # what defines the method wins (e.g. PROMA's epsilon)
-    return GRPOConfig(**kwargs)
+    return kwargs
 
 
 def make_trainer(spec, method, params: dict, policy, tokenizer, dataset, output_dir: str, chat: bool, device: str,
@@ -74,7 +98,7 @@ def make_trainer(spec, method, params: dict, policy, tokenizer, dataset, output_
     funcs, weights = RewardConfig(**spec.reward).funcs_and_weights()
     args = grpo_config(spec, method, output_dir, weights, chat=chat, use_cpu=device == "cpu")
     if (trainer_cls or BenchGRPOTrainer) is BenchGRPOTrainer:
-        kwargs.setdefault("step_kl", StepKL(spec.kl_step_seqs))
+        kwargs.setdefault("step_kl", StepKL(spec.kl_step_seqs, temperature=spec.temperature))
     trainer = (trainer_cls or BenchGRPOTrainer)(model=policy, reward_funcs=funcs, args=args, train_dataset=dataset,
                                                  processing_class=tokenizer, **kwargs)
     trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict

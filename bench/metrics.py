@@ -1,5 +1,10 @@
 """Metrics measured identically for every method (definitions: shared/DESIGN.md, "Metrics").
 
+Every distribution below is the one TRL's loss optimizes: softmax(logits / T) at the run's sampling temperature T
+(TRL divides the logits by T in its log-prob head). The probe set is sampled from exactly that distribution: no
+top-k, top-p, min-p, repetition penalty or any other logits processor, whatever the model's generation_config says
+(TRL's rollouts may use such settings; its loss does not see them).
+
 - kl_ref:  token-mean exact KL(pi_theta || pi_0) = sum_v p_theta(v) (log p_theta(v) - log p_0(v)), over the
            completion tokens that pi_theta samples for a fixed, seeded probe set of held-out prompts. pi_0 is the
            initial policy (for residual inits: residual + initial adapter), run by swapping the initial values of
@@ -29,15 +34,16 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, comp_mask) -> torch.Tensor:
-    """log softmax over the full vocabulary at every completion position: [B, Lc, V] in float32."""
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, comp_mask,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T) over the full vocabulary at every completion position: [B, Lc, V] in float32."""
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, comp_mask], 1)
     position_ids = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: count positions from the first token
     with eval_mode(model):
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
     logits = logits[:, prompt_ids.shape[1] - 1:-1].float()
-    return F.log_softmax(logits, dim=-1)
+    return F.log_softmax(logits / temperature, dim=-1)
 
 
 def kl_sum(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -106,20 +112,22 @@ class RolloutBatch:
             yield RolloutBatch(self.prompt_ids[s:s + size], self.prompt_mask[s:s + size],
                                self.completion_ids[s:s + size], self.completion_mask[s:s + size])
 
-    def logprobs(self, model) -> torch.Tensor:
+    def logprobs(self, model, temperature: float = 1.0) -> torch.Tensor:
         return completion_logprobs(model, self.prompt_ids, self.prompt_mask, self.completion_ids,
-                                   self.completion_mask)
+                                   self.completion_mask, temperature)
 
 
 @torch.no_grad()
-def kl_to_reference(model, reference: InitialPolicy, batch: RolloutBatch, chunk: int = 16) -> dict:
-    """kl_ref, kl_ref_k3 and entropy of the current policy on `batch` (sampled from the current policy)."""
+def kl_to_reference(model, reference: InitialPolicy, batch: RolloutBatch, chunk: int = 16,
+                    temperature: float = 1.0) -> dict:
+    """kl_ref, kl_ref_k3 and entropy of the current policy on `batch` (sampled from the current policy), all of
+    softmax(logits / temperature)."""
     kl = ent = k3 = 0.0
     n = 0
     for part in batch.chunks(chunk):
-        logp = part.logprobs(model)
+        logp = part.logprobs(model, temperature)
         with reference.active():
-            logq = part.logprobs(model)
+            logq = part.logprobs(model, temperature)
         mask = part.completion_mask.to(logp.dtype)
         s, c = kl_sum(logp, logq, mask)
         kl, n = kl + s, n + c
@@ -129,29 +137,50 @@ def kl_to_reference(model, reference: InitialPolicy, batch: RolloutBatch, chunk:
     return {"kl_ref": kl / n, "kl_ref_k3": k3 / n, "entropy_probe": ent / n}
 
 
+@contextmanager
+def plain_sampling(model):
+    """The model's generation_config replaced by one holding only its special token ids, so that `generate` applies
+    no logits processor the caller does not ask for (Hub models ship top-k, top-p, repetition penalties...)."""
+    from transformers import GenerationConfig
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    target.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in ids})
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
+# How the probe set is sampled and scored (recorded in each run's config.json)
+PROBE_SAMPLING = "softmax(logits / temperature); no top-k, top-p, min-p, repetition penalty or other processor"
+
+
 class ProbeSet:
-    """A fixed, seeded set of held-out prompts; each measurement samples from the current policy with the same
-    seed (under a forked RNG, so measuring never changes training's random stream)."""
+    """A fixed, seeded set of held-out prompts; each measurement samples from the current policy's softmax(logits / T)
+    with the same seed (under a forked RNG, so measuring never changes training's random stream)."""
 
     def __init__(self, prompts: list, max_new_tokens: int, seed: int = 1234, temperature: float = 1.0):
         self.prompts, self.max_new_tokens, self.seed, self.temperature = prompts, max_new_tokens, seed, temperature
 
     def sample(self, model, tokenizer) -> RolloutBatch:
-        _, out = generate(model, tokenizer, self.prompts, self.max_new_tokens, greedy=False, seed=self.seed,
-                          temperature=self.temperature, batch_size=len(self.prompts))
+        with plain_sampling(model):  # top_k=0, top_p=1 and the temperature are passed explicitly by generate
+            _, out = generate(model, tokenizer, self.prompts, self.max_new_tokens, greedy=False, seed=self.seed,
+                              temperature=self.temperature, batch_size=len(self.prompts))
         (prompt_ids, prompt_mask, completion_ids), = out["batches"]  # the probe set is generated at once
         return RolloutBatch(prompt_ids, prompt_mask, completion_ids,
                             completion_mask(completion_ids, tokenizer.eos_token_id))
 
     def measure(self, model, tokenizer, reference: InitialPolicy) -> dict:
-        return kl_to_reference(model, reference, self.sample(model, tokenizer))
+        return kl_to_reference(model, reference, self.sample(model, tokenizer), temperature=self.temperature)
 
 
 class StepKL:
-    """kl_step: exact KL between the policy before and after one optimizer step, on that step's rollouts."""
+    """kl_step: exact KL between the policy before and after one optimizer step, on that step's rollouts (both
+    softmax(logits / temperature))."""
 
-    def __init__(self, max_seqs: int = 16):
-        self.max_seqs = max_seqs
+    def __init__(self, max_seqs: int = 16, temperature: float = 1.0):
+        self.max_seqs, self.temperature = max_seqs, temperature
         self.batch: RolloutBatch | None = None
         self.before: torch.Tensor | None = None
 
@@ -183,9 +212,9 @@ class StepKL:
         if hidden is not None and hidden.shape[0] >= n and hidden.shape[1] == width:
             start = self.batch.prompt_ids.shape[1] - 1
             logits = model.get_output_embeddings()(hidden[:n, start:-1])
-            self.before = F.log_softmax(logits.float(), dim=-1)
+            self.before = F.log_softmax(logits.float() / self.temperature, dim=-1)
         else:
-            self.before = self.batch.logprobs(model)
+            self.before = self.batch.logprobs(model, self.temperature)
         mask = self.batch.completion_mask.to(self.before.dtype)
         return {"entropy": entropy_sum(self.before, mask) / max(1, int(mask.sum()))}
 
@@ -193,7 +222,7 @@ class StepKL:
     def after_step(self, model) -> dict:
         if self.batch is None:
             return {}
-        after = self.batch.logprobs(model)
+        after = self.batch.logprobs(model, self.temperature)
         mask = self.batch.completion_mask.to(after.dtype)
         s, n = kl_sum(self.before, after, mask)
         self.batch = self.before = None

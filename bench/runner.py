@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from bench.errors import BenchError
 from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
 from bench.runlock import RunHeld, run_lock
+from bench.metrics import PROBE_SAMPLING
 from bench.spec import RunSpec, stored_key
 from bench.threads import env_threads, torch_threads
 
@@ -346,6 +347,7 @@ def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -
                    "init_lora_weights": str(method.resolved_init(spec.method_params)),
                    "params": method.resolve_params(spec.method_params),
                    "grpo_overrides": method.grpo_overrides},
+        "metrics": {"temperature": spec.temperature, "probe_sampling": PROBE_SAMPLING},
         "versions": versions(), "git_sha": git_sha(), "machine": {"platform": platform.platform(),
                                                                    "cpus": os.cpu_count(),
                                                                    "torch_threads": torch.get_num_threads()}})
@@ -422,7 +424,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     from bench.generation import greedy_accuracy
     from bench.metrics import InitialPolicy, ProbeSet
     from bench.models import load_policy, uses_chat_template
-    from bench.policy import build_policy, trainable_parameters
+    from bench.policy import InitKLToBase, build_policy, trainable_parameters, trained_set
     from tasks import chat_prompt, get_task, plain_prompt
 
     t_setup = time.perf_counter()
@@ -434,8 +436,10 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         evals = evals[:spec.eval_size]
     probe_examples = evals[:spec.probe_size]
 
-    t_init = time.perf_counter()
     params = method.resolve_params(spec.method_params)
+    init_kl = InitKLToBase(model, method, spec.rank, params, tokenizer,  # SVD inits: pi_0 vs base (bf16 rounding)
+                           [to_prompt(e.question) for e in probe_examples], spec.temperature)
+    t_init = time.perf_counter()
     policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
     init_seconds = time.perf_counter() - t_init
     residual = spec.rank != "full" and method.modifies_base(params)  # base weights now hold W - s*B0*A0
@@ -443,6 +447,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     if residual and not adapter_init_dir.exists():
         policy.save_pretrained(adapter_init_dir)  # the initial adapter: to convert the trained one for reload
     reference = InitialPolicy(policy)
+    init_kl = init_kl.measure(policy)
     eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
     eval_tokens = spec.max_completion_length
     fwd_threads = forward_threads(spec, policy, tokenizer, eval_prompts)
@@ -467,7 +472,8 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
                    disable=not progress)
     elif done_steps:
         bar.update(done_steps)
-    probe = ProbeSet([to_prompt(e.question) for e in probe_examples], spec.max_completion_length, seed=spec.seed)
+    probe = ProbeSet([to_prompt(e.question) for e in probe_examples], spec.max_completion_length, seed=spec.seed,
+                     temperature=spec.temperature)
     callback = MetricsCallback(metrics_path, probe, reference, tokenizer, spec, rows, bar)
     trainer = make_trainer(spec, method, params, policy, tokenizer, dataset, str(run_dir / "checkpoints"),
                            chat=to_prompt is chat_prompt, device=device, callbacks=[callback],
@@ -498,7 +504,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         "accuracy_flexible_base": base["accuracy_flexible"], "accuracy_flexible": final["accuracy_flexible"],
         "eval_n": base["n"], "eval_seconds": round(eval_seconds, 3), "init_seconds": round(init_seconds, 4),
         "setup_seconds": round(setup_seconds, 3), "forward_threads": fwd_threads or torch.get_num_threads(),
-        "trainable_params": trainable_parameters(policy),
+        "trainable_params": trainable_parameters(policy), "trained_set": trained_set(policy), **init_kl,
         "device": device, "resumed_from": checkpoint.name if checkpoint else None,
     })
     out.update(trainer.method_summary)

@@ -214,6 +214,19 @@ class RunSpec:
         # a negative alpha flips the sign of every LoRA update; nan/inf poison the first step
         if self.alpha is not None and not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
             raise BenchError(f"bad alpha {self.alpha!r}: must be a finite number > 0 (or unset: alpha = rank)")
+        self._check_method_grpo()
+
+    def _check_method_grpo(self) -> None:
+        """The method's check of the run's effective TRL settings (e.g. PROMA refuses ratio clipping), before any
+        training: a refusal is a one-line error."""
+        from methods import get_method
+        method = get_method(self.method)
+        if method.check_grpo is not None:
+            from bench.engine import effective_grpo, grpo_settings
+            try:
+                method.check_grpo(effective_grpo(grpo_settings(self, method)))
+            except BenchError as e:
+                raise BenchError(f"method {self.method!r} with these grpo settings: {e}") from None
 
     @property
     def run_id(self) -> str:

@@ -18,7 +18,7 @@ SUMMARY_COLUMNS = ["run_id", "method", "rank", "seed", "status", "accuracy_base"
                    "kl_ref", "kl_ref_k3", "kl_step", "kl_step_max", "entropy", "entropy_base", "entropy_rollout",
                    "reward", "reward_first", "wall_clock_s", "time_generation_s", "time_reference_s",
                    "time_policy_s", "time_other_s", "time_metrics_s", "tokens_per_s", "peak_mem_mb",
-                   "trainable_params", "steps_done", "run_seconds", "error"]
+                   "trainable_params", "trained_set", "init_kl_to_base", "steps_done", "run_seconds", "error"]
 TABLES = [("kl_ref", "KL to the initial policy (kl_ref, final, exact, probe set)", "{:.2e}"),
           ("kl_step", "Per-step KL (kl_step, mean over steps)", "{:.2e}"),
           ("entropy", "Entropy on the probe set (final)", "{:.3f}"),
@@ -318,6 +318,17 @@ def _cell(values: pd.Series, fmt: str) -> str:
     return f"{f(iv.point)} [{f(iv.low)}, {f(iv.high)}] ({iv.n})"
 
 
+def trained_sets(ok: pd.DataFrame, ranks: list[str]) -> list[str]:
+    """Which tensors each rank's runs trained, so that a comparison is seen to train the same ones for every method
+    (several lines for one rank: the methods differ)."""
+    lines = ["## Trained tensors", "", "| rank | trained tensors | methods |", "|---|---|---|"]
+    for r in ranks:
+        runs = ok[ok["rank"].astype(str) == r]
+        for trained, group in runs.groupby(runs["trained_set"].fillna("(not recorded)"), sort=True):
+            lines.append(f"| {r} | {trained} | {', '.join(dict.fromkeys(group['method']))} |")
+    return lines + [""]
+
+
 def markdown_tables(df: pd.DataFrame) -> str:
     """Method x rank tables of the ok runs; a method with several configurations (df's `variant`, from
     bench.variants) gets one row per configuration."""
@@ -341,6 +352,7 @@ def markdown_tables(df: pd.DataFrame) -> str:
             cells = [_cell(mine[mine["rank"].astype(str) == r][column], fmt) for r in ranks]
             lines.append(f"| {label(m, v)} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += trained_sets(ok, ranks)
     base = pd.to_numeric(ok["accuracy_base"], errors="coerce").dropna()
     if not base.empty:
         values = ", ".join(f"{b:.3f}" for b in sorted(set(base.round(6))))

@@ -3,7 +3,11 @@
 - `init_lora_weights` / `adapter_init`: how the adapter starts (PEFT's own initializer, or a custom one);
 - `beta` and `grpo_overrides`: the objective (KL penalty, clipping, loss type);
 - `trainer_hooks`: code installed on the trainer (e.g. PROMA's gradient projection);
-- `reference`: the reference-policy rule used for `kl_ref` and the KL penalty (always the *initial* policy).
+- `params` / `check_params`: the method's parameters with their defaults, and their validation;
+- `check_grpo`: validation of the run's effective TRL settings (e.g. PROMA refuses ratio clipping).
+
+The reference policy of `kl_ref` and of the KL penalty is not a method field: it is always the *initial* policy
+(bench.metrics.InitialPolicy; TRL's reference for LoRA is the initial adapter).
 
 The harness reads these fields and never branches on a method's name. Methods compose with `+`
 (e.g. `geora+kl`): each field comes from the one component that sets it; two components that set the same
@@ -32,6 +36,10 @@ class Method:
     trainer_hooks: tuple = ()                    # f(trainer, params) called once the trainer exists
     params: dict = field(default_factory=dict)   # method parameters and their defaults (recorded in config.json)
     check_params: Callable | None = None         # f(params) raising BenchError on a bad value
+    # f(effective TRL settings dict) raising BenchError when the method cannot run with them. Called on the
+    # method's own grpo_overrides (get_method: keys absent there are undecided) and on a run's full GRPOConfig
+    # settings before any training (RunSpec validation; keys absent there take TRL's defaults).
+    check_grpo: Callable | None = None
 
     def resolved_beta(self, params: dict | None = None) -> float:
         """The KL coefficient: the `beta` method parameter where the method has one, else the fixed field."""
@@ -70,9 +78,9 @@ def register(method: Method, component_only: bool = False) -> Method:
 
 
 def _both(check_a, check_b):
-    def check(params):
-        check_a(params)
-        check_b(params)
+    def check(settings):
+        check_a(settings)
+        check_b(settings)
     return check
 
 
@@ -84,7 +92,7 @@ def _merge(a: Method, b: Method) -> Method:
             merged[f.name] = f"{va}+{vb}" if f.name in ("name", "family") else f"{va}; {vb}"
         elif f.name == "trainer_hooks":
             merged[f.name] = tuple(va) + tuple(vb)
-        elif f.name == "check_params" and va is not None and vb is not None and va is not vb:
+        elif f.name in ("check_params", "check_grpo") and va is not None and vb is not None and va is not vb:
             merged[f.name] = _both(va, vb)
         elif f.name in ("grpo_overrides", "params"):
             clash = {k for k in set(va) & set(vb) if va[k] != vb[k]}
@@ -109,6 +117,11 @@ def get_method(name: str) -> Method:
     method = pool[parts[0]]
     for p in parts[1:]:
         method = _merge(method, pool[p])
+    if method.check_grpo is not None:  # e.g. proma+gspo: GSPO's overrides are settings PROMA refuses
+        try:
+            method.check_grpo(method.grpo_overrides)
+        except BenchError as e:
+            raise BenchError(f"method {name!r}: {e}") from None
     return replace(method, name=name)
 
 

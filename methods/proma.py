@@ -12,13 +12,20 @@ micro-batch m of an optimizer step, inside the backward pass:
   proj <- proj * min(1, cap ||p_m|| / ||proj||)        # norm cap (0.5 in the GSM8K runs)
   acc  <- acc - s * proj + p_m                         # acc: the running gradient (first micro-batch: acc = p_m)
 Layer-wise (Frobenius products per tensor). No reference policy, no KL term, no ratio clipping (epsilon 1e9, the
-author's "pure" setting); TRL's group-normalized advantages and per-sequence token mean are unchanged. The loss is
-backpropagated with advantages 1 (the author's include_advantages_in_loss=False) so that the output gradients
-give every sequence's log-prob gradient, also where A_i = 0; p_m is rebuilt from them with the true advantages,
-which equals the gradient of TRL's loss exactly (the advantage is constant over a sequence). Advantages and masks
-are read from the micro-batch's own inputs, so TRL's shuffling of sequences into micro-batches is harmless.
-At rank `full`, trainable tensors that are not Linear weights (norm gains, the tied embedding) are frozen: the
-author's code left them the advantage-free gradient, a latent quirk we do not reproduce.
+author's "pure" setting); TRL's group-normalized advantages are unchanged. Loss aggregation: the author's VeRL
+`token-mean` (a mean over the micro-batch's tokens) is TRL's `bnpo`, which the proma-gsm8k preset sets; TRL's
+`dapo` divides by the generation batch's token count instead, and `grpo` (the suite's default) is a per-sequence
+token mean. The loss is backpropagated with advantages 1 (the author's include_advantages_in_loss=False) so that
+the output gradients give every sequence's log-prob gradient, also where A_i = 0; p_m is rebuilt from them with
+the true advantages, which equals the gradient of TRL's loss exactly when that loss is sum_i A_i l_i(theta) and
+nothing else (check_grpo below lists the TRL settings that break this, and refuses them). Advantages and masks are
+read from the micro-batch's own inputs, so TRL's shuffling of sequences into micro-batches is harmless.
+Only Linear weights whose forward runs as a module call get a projected gradient. At rank `full` the harness trains
+exactly those for every method (bench.policy); should a trainer hold any other trainable tensor, it is frozen here
+and said so (the author's code left norms and embeddings the advantage-free gradient, a latent quirk we do not
+reproduce). An untied LM head is never projected: TRL's fused log-prob head multiplies by `lm_head.weight` directly,
+so the module's hooks cannot see its per-sequence gradients. A projected weight whose gradient arrives without its
+forward hooks having fired is an error (it would keep the advantage-free gradient).
 
 Intra-microbatch variant (`proma_intra`, paper v3/v4). THE EXACT FORMULA IS NOT IN ANY SOURCE WE COULD READ: it is
 reconstructed from the abstract ("a factored projection built from the dominant subspaces of activations and of
@@ -31,6 +38,11 @@ eig_iters 1, shrinkage 1, a randomized SVD + QR per Linear). Per Linear and micr
   acc <- acc + p_m                                                                       # ordinary accumulation
 k per side is min(k, max(1, dim // 10)) (our choice: k = 100 is the author's GSM8K value for Qwen3-0.6B full
 fine-tuning, hidden size 1024; a narrower model or adapter side projects the same tenth of its width).
+Whose output gradients span Q_G is a second reconstruction choice, the parameter `output_grads`: "loss" (default)
+takes those of TRL's loss (advantages applied); "logprob" those of the advantage-free loss (advantages 1), which is
+what the author's hook machinery computes for the accumulation variant. With "logprob" the micro-batch gradient is
+rebuilt from them as p_m = sum_bt A_b G_bt^T X_bt (same exactness conditions as the accumulation variant). No
+source we could read says which one the intra variant uses, so the default is unchanged.
 """
 from __future__ import annotations
 
@@ -110,12 +122,16 @@ def factored_removal(grad: torch.Tensor, q_out: torch.Tensor, q_in: torch.Tensor
 # ---- the hooks ---------------------------------------------------------------------------------------------------
 
 def projected_linears(model) -> dict[str, torch.nn.Linear]:
-    """Linear modules whose own (unshared) weight trains: lora_A/lora_B under LoRA, the projections at rank full."""
+    """Linear modules whose own (unshared) weight trains: lora_A/lora_B under LoRA, the projections at rank full.
+    Never the LM head: TRL 1.16's fused log-prob head uses `lm_head.weight` without calling the module, so its
+    hooks would never see the head's output gradients."""
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and uses[id(m.weight)] == 1}
+            if isinstance(m, torch.nn.Linear) and m is not head and m.weight.requires_grad
+            and uses[id(m.weight)] == 1}
 
 
 class _Slot:
@@ -136,10 +152,13 @@ class Projector:
 
     def __init__(self, model, params: dict, intra: bool, seed: int = 0, record: bool = False):
         self.params, self.intra, self.record = params, intra, record
+        # the backward carries advantage-free (advantages 1) output gradients; the hooks apply the advantages
+        self.advantage_free = not intra or params.get("output_grads", "loss") == "logprob"
         self.slots = [_Slot(n, m) for n, m in projected_linears(model).items()]
         if not self.slots:
             raise BenchError("PROMA found no trainable Linear weights to project")
         self.collecting = False
+        self.armed = False  # from the first begin() on, every gradient of a projected weight must come via the hooks
         self.calls = 0  # weight-hook invocations that rebuilt a gradient
         self.mask = self.advantages = None
         self.seed = seed
@@ -170,7 +189,10 @@ class Projector:
         return out
 
     def begin(self, attention_mask: torch.Tensor, advantages: torch.Tensor | None):
+        if self.advantage_free and advantages is None:
+            raise ValueError("PROMA: the advantage-free backward needs the micro-batch's advantages")
         self.mask, self.advantages = attention_mask, advantages
+        self.armed = True
         self._subspaces = {}  # intra: q/k/v (and gate/up) share one input tensor, so one Q_X per micro-batch
         for slot in self.slots:
             slot.x = slot.out_grad = None
@@ -190,8 +212,11 @@ class Projector:
 
     def _weight_hook(self, slot):
         def hook(grad):
-            if slot.x is None or slot.out_grad is None:  # a backward we did not collect for
+            if not self.armed:  # a backward before any micro-batch was announced (none in the harness)
                 return None
+            if slot.x is None or slot.out_grad is None:  # the module's forward was bypassed (e.g. a fused head)
+                raise BenchError(f"PROMA: the gradient of {slot.name} arrived but its forward hooks never fired "
+                                 "in this micro-batch; it would train on an unprojected gradient")
             x, out_grad = slot.x, slot.out_grad
             slot.x = slot.out_grad = None
             self.calls += 1
@@ -239,7 +264,11 @@ class Projector:
             self._subspaces[key] = top_subspace(x[keep].float(), k_in, p["power_iters"], p["oversample"], gen)
         q_in = self._subspaces[key]                                                                  # Q_X
         q_out = top_subspace(out_grad[keep].float(), k_out, p["power_iters"], p["oversample"], gen)  # Q_G
-        g32 = grad.float()
+        if self.advantage_free:  # p_m = sum_bt A_b G_bt^T X_bt from the advantage-free output gradients
+            weight = (mask.to(torch.float32) * self.advantages.to(x.device, torch.float32)[:, None])[..., None]
+            g32 = torch.einsum("blo,bli->oi", out_grad.float() * weight, x.float())
+        else:
+            g32 = grad.float()
         removal = p["shrinkage"] * factored_removal(g32, q_out, q_in)
         self.total_sq = self.total_sq + g32.square().sum()
         self.removed_sq = self.removed_sq + removal.square().sum()
@@ -265,45 +294,80 @@ class _StepStats(TrainerCallback):
         self.trainer.method_summary["proma_weight_hook_calls"] = self.projector.calls
 
 
-LINEAR_IN_ADVANTAGE = ("grpo", "bnpo", "dr_grpo", "dapo")  # loss types whose gradient is sum_i A_i (...)_i
+NO_CLIP = 1e9  # the author's clip ratios ("pure" runs): a ratio never gets near them
+SURROGATE_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # -rho A per token; they differ in aggregation only
+
+
+def check_grpo(settings: dict) -> None:
+    """Refuse the TRL 1.16 settings under which the backward with advantages 1 does not give PROMA's gradients.
+    Read off GRPOTrainer._compute_loss. The trick is exact when TRL's loss is sum_i A_i l_i(theta) and nothing else
+    (l_i: sequence i's loss at A_i = 1); these break that:
+      epsilon < 1e9, epsilon_high < 1e9   clipping: min(rho A, clip(rho) A) picks its branch by the sign of A
+      delta                               two-sided clipping: the min picks clamp(rho, delta) A only where A > 0
+      loss_type sapo, vespo               soft gate / gamma weights with separate parameters for A > 0 and A < 0
+      off_policy_mask_threshold           drops sequences by the sign of A
+      beta != 0                           a KL term that carries no advantage
+      entropy_coef != 0, use_adaptive_entropy   an entropy bonus that carries no advantage
+      router_aux_loss_coef != 0           an MoE load-balancing loss (also checked on the trainer: the model decides)
+    and these keep the trick exact but are not PROMA's objective, the unclipped token-level surrogate over every
+    completion token (the sequence gradients g_i it projects against would change meaning):
+      loss_type cispo                     truncated-IS REINFORCE with a stop-gradient weight
+      importance_sampling_level sequence  GSPO's sequence ratio in place of the per-token ratios
+      top_entropy_quantile < 1            only the high-entropy tokens carry gradient
+    Keys absent from `settings` are not decided there (a method's own overrides) or are TRL's defaults."""
+    s = settings
+    problems = []
+
+    def number(name, default):
+        value = s.get(name, default)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+    loss_type = s.get("loss_type")
+    if loss_type is not None and loss_type not in SURROGATE_LOSSES:
+        problems.append(f"loss_type {loss_type!r} (valid: {', '.join(SURROGATE_LOSSES)})")
+    for name in ("epsilon", "epsilon_high"):
+        value = s.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and value >= NO_CLIP):
+            problems.append(f"ratio clipping ({name}={value!r}; PROMA runs unclipped, {name} >= {NO_CLIP:g})")
+    if s.get("delta") is not None:
+        problems.append(f"two-sided clipping (delta={s['delta']!r})")
+    if s.get("importance_sampling_level", "token") != "token":
+        problems.append(f"importance_sampling_level {s['importance_sampling_level']!r} (PROMA: token)")
+    if number("top_entropy_quantile", 1.0) < 1.0:
+        problems.append(f"top_entropy_quantile {s['top_entropy_quantile']!r} (PROMA: 1.0, every token)")
+    if s.get("off_policy_mask_threshold") is not None:
+        problems.append("off_policy_mask_threshold (drops sequences by the sign of their advantage)")
+    if number("beta", 0.0) != 0.0:
+        problems.append(f"a KL term (beta={s['beta']!r})")
+    if number("entropy_coef", 0.0) != 0.0 or s.get("use_adaptive_entropy"):
+        problems.append("an entropy bonus (entropy_coef / use_adaptive_entropy)")
+    if number("router_aux_loss_coef", 0.0) != 0.0:
+        problems.append("an MoE auxiliary loss (router_aux_loss_coef)")
+    if problems:
+        raise BenchError("PROMA cannot run with " + "; ".join(problems))
 
 
 def check_trainer(trainer) -> None:
-    """The advantages-1 trick is exact only when the loss is linear in the advantages, with nothing else added."""
-    a = trainer.args
-    problems = []
-    if a.loss_type not in LINEAR_IN_ADVANTAGE:
-        problems.append(f"loss_type {a.loss_type!r} (supported: {', '.join(LINEAR_IN_ADVANTAGE)})")
-    if trainer.beta != 0.0:
-        problems.append("a KL term (beta > 0)")
-    if getattr(trainer, "_entropy_bonus_enabled", False):
-        problems.append("an entropy bonus")
-    for name in ("off_policy_mask_threshold", "delta"):
-        if getattr(a, name, None) is not None:
-            problems.append(f"{name}")
-    if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
-        problems.append("top_entropy_quantile < 1")
+    """The same check on the trainer TRL built (a backstop, and what only the model decides: an MoE aux loss)."""
+    check_grpo({**vars(trainer.args), "beta": trainer.beta})
     if getattr(trainer, "loss_hook", None) is not None:  # bench.engine's per-token loss term (kl_cov, clip_cov)
-        problems.append("a per-token loss hook")
+        raise BenchError("PROMA cannot run with a per-token loss hook (e.g. kl_cov, clip_cov)")
     if getattr(trainer, "aux_loss_enabled", False):
-        problems.append("an auxiliary (MoE) loss")
-    if problems:
-        raise BenchError("PROMA cannot be combined with " + ", ".join(problems))
+        raise BenchError("PROMA cannot run with an auxiliary (MoE load-balancing) loss")
 
 
 def _install(trainer, params: dict, intra: bool) -> Projector:
-    if not intra:
-        check_trainer(trainer)
+    check_trainer(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if not hasattr(model, "peft_config"):  # rank full: only Linear weights get a projected gradient
+    if not hasattr(model, "peft_config"):  # rank full: only hookable Linear weights get a projected gradient
         hooked = {id(m.weight) for m in projected_linears(model).values()}
         frozen = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in hooked]
         for n, p in model.named_parameters():
             if n in frozen:
                 p.requires_grad_(False)
-        if frozen:
-            trainer.note(f"{len(frozen)} non-Linear tensors (norms, tied embedding) frozen: PROMA projects Linear "
-                         "weights only", proma_frozen_tensors=len(frozen))
+        if frozen:  # bench.policy trains Linear weights only at rank full: this is for trainers built otherwise
+            trainer.note(f"{len(frozen)} tensors frozen ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}):"
+                         " PROMA projects the hookable Linear weights only", proma_frozen_tensors=len(frozen))
     projector = Projector(model, params, intra=intra, seed=trainer.args.seed)
     hooked = {id(s.module.weight) for s in projector.slots}
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in hooked]
@@ -316,11 +380,11 @@ def _install(trainer, params: dict, intra: bool) -> Projector:
 
     def projected_compute_loss(model, inputs, *args, **kwargs):
         mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        if intra:
-            projector.begin(mask, None)
-        else:  # backprop log-prob gradients (advantages 1); the hooks apply the true advantages
+        if projector.advantage_free:  # backprop log-prob gradients (advantages 1); the hooks apply the advantages
             projector.begin(mask, inputs["advantages"].detach())
             inputs = {**inputs, "advantages": torch.ones_like(inputs["advantages"])}
+        else:
+            projector.begin(mask, None)
         projector.collecting = True
         try:
             return compute_loss(model, inputs, *args, **kwargs)
@@ -353,21 +417,24 @@ def check_params(params: dict) -> None:
             raise BenchError(f"bad {name} {params[name]!r}: must be an integer")
     if "shrinkage" in params and not (isinstance(params["shrinkage"], (int, float)) and 0 <= params["shrinkage"] <= 1):
         raise BenchError(f"bad shrinkage {params['shrinkage']!r}: must be in [0, 1]")
+    if "output_grads" in params and params["output_grads"] not in ("loss", "logprob"):
+        raise BenchError(f"bad output_grads {params['output_grads']!r}: valid: loss, logprob")
 
 
-NO_CLIPPING = {"epsilon": 1e9}  # the author's "pure" runs: clip ratios 1e9
+NO_CLIPPING = {"epsilon": NO_CLIP}  # the author's "pure" runs: clip ratios 1e9 (epsilon_high follows epsilon)
 
 register(Method(
     name="proma", family="PROMA", summary="PROMA: running gradient projected off each micro-batch's sequence gradients "
     "(no KL, no clipping)", cite=CITE, beta=0.0, grpo_overrides=NO_CLIPPING, trainer_hooks=(install_proma,),
-    check_params=check_params,
+    check_params=check_params, check_grpo=check_grpo,
     params={"mode": "approx", "sweeps": 2, "ridge": 1e-2, "cap": 0.5, "shrinkage": 1.0}))
 register(Method(
     name="proma_intra", family="PROMA",
     summary="Intra-PROMA: each micro-batch gradient loses its block in the top-k activation x "
     "output-gradient subspaces (reconstructed; no KL, no clipping)", cite=CITE, beta=0.0,
     grpo_overrides=NO_CLIPPING, trainer_hooks=(install_proma_intra,), check_params=check_params,
-    params={"k": 100, "power_iters": 1, "oversample": 8, "shrinkage": 1.0}))
+    check_grpo=check_grpo,  # the same premise (no KL, no clipping); output_grads="logprob" also needs exactness
+    params={"k": 100, "power_iters": 1, "oversample": 8, "shrinkage": 1.0, "output_grads": "loss"}))
 register(Method(
     name="unclipped_lora", family="KL-free LoRA",
     summary="LoRA GRPO with neither KL nor ratio clipping: PROMA's baseline without the "

@@ -1,7 +1,11 @@
 """SVD-initialized adapters with a frozen residual: GeoRA, PiSSA, MiLoRA.
 
 All three write, per targeted weight W (d_out x d_in), adapters with s*B*A = U_r S_r V_r^T for chosen singular
-triplets and freeze the residual W - s*B*A, so the initial policy equals the base model.
+triplets and freeze the residual W - s*B*A, so that the initial policy is the base model. The residual is computed in
+fp32 from the adapters as stored (after their own rounding), so that only the residual's rounding to the weights'
+dtype remains: nothing in fp32 (float summation order aside); in bf16 an error of up to half a bf16 ulp per
+entry of W - s*B*A, which no rank-r adapter can absorb. The harness measures the resulting KL(pi_0 || base) and
+records it in summary.json (init_kl_to_base; bench.policy.build_policy_measured).
 
 GeoRA (Zhang et al., ACL 2026, arXiv 2601.09361; no public code; spec: shared/research/papers.md section 2):
   W_r      = best rank-r approximation of W                                  # spectral prior (r = adapter rank)
@@ -71,6 +75,7 @@ def _write_adapter(layer, u, s, vh):
     b, a = u * root, root[:, None] * vh
     layer.lora_B["default"].weight.copy_(b.to(layer.lora_B["default"].weight.dtype))
     layer.lora_A["default"].weight.copy_(a.to(layer.lora_A["default"].weight.dtype))
+    b, a = layer.lora_B["default"].weight.float(), layer.lora_A["default"].weight.float()  # as the forward sees them
     w = base.detach().float()
     if getattr(layer, "fan_in_fan_out", False):
         base.copy_((w.T - scale * b @ a).T.to(base.dtype))

@@ -137,3 +137,87 @@ def test_step_kl_uses_only_max_seqs():
     perturb(model, scale=0.1)
     assert step.after_step(model)["kl_step"] == pytest.approx(brute_kl(before, brute_distributions(model, one)),
                                                               rel=1e-4)
+
+
+# ---- the sampling temperature: every metric is of softmax(logits / T), the distribution TRL's loss optimizes ------
+
+T = 0.6
+
+
+def tempered(dists_at_t1, temperature):
+    """Brute force: p_T(v) = p(v)^(1/T) / sum_u p(u)^(1/T), i.e. softmax(logits / T), from the T = 1 lists."""
+    out = []
+    for ps in dists_at_t1:
+        seq = []
+        for p in ps:
+            w = [pv ** (1 / temperature) for pv in p]
+            z = sum(w)
+            seq.append([x / z for x in w])
+        out.append(seq)
+    return out
+
+
+def test_metrics_at_temperature_match_brute_force():
+    model, batch = toy_model(), toy_batch()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.model.layers[1].parameters():
+        p.requires_grad_(True)
+    reference = InitialPolicy(model)
+    initial = tempered(brute_distributions(model, batch), T)
+    logp = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                               batch.completion_mask, temperature=T)
+    for i, dists in enumerate(initial):
+        for j, dist in enumerate(dists):
+            assert torch.allclose(logp[i, j].exp().double(), torch.tensor(dist, dtype=torch.double), atol=1e-5)
+    step = StepKL(max_seqs=2, temperature=T)
+    assert step.capture_before(model, batch)["entropy"] == pytest.approx(brute_entropy(initial), rel=1e-4)
+    perturb(model)
+    current = tempered(brute_distributions(model, batch), T)
+    m = kl_to_reference(model, reference, batch, temperature=T)
+    assert m["kl_ref"] == pytest.approx(brute_kl(current, initial), rel=1e-4)
+    assert m["entropy_probe"] == pytest.approx(brute_entropy(current), rel=1e-4)
+    assert step.after_step(model)["kl_step"] == pytest.approx(brute_kl(initial, current), rel=1e-4)
+    # and T matters here: the T = 1 figures are different numbers
+    at_one = kl_to_reference(model, reference, batch)
+    assert abs(at_one["entropy_probe"] - m["entropy_probe"]) > 1e-3  # (toy logits are small: entropy near log V)
+    assert abs(at_one["kl_ref"] - m["kl_ref"]) > 0.2 * m["kl_ref"]
+
+
+def test_probe_samples_from_the_tempered_softmax_whatever_the_generation_config(tiny):
+    """The model ships sampling settings (as Hub models do); the probe must ignore them all: at every generated
+    position the scores generate samples from are exactly logits / T (checked through generate's own outputs)."""
+    from bench.metrics import ProbeSet
+    from bench.models import load_policy
+    from tasks import get_task, plain_prompt
+    model, tok = load_policy("tiny")
+    gc = model.generation_config
+    gc.do_sample, gc.temperature, gc.top_k, gc.top_p, gc.min_p = True, 1.7, 3, 0.5, 0.2
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.suppress_tokens = 1.5, 2, [5, 6]
+    seen = {}
+    generate = model.generate
+
+    def spy(**kwargs):
+        out = generate(**kwargs, output_scores=True, output_logits=True, return_dict_in_generate=True)
+        seen["scores"], seen["logits"] = out.scores, out.logits
+        return out.sequences
+    model.generate = spy
+    probe = ProbeSet([plain_prompt(e.question) for e in get_task("synth-gsm").examples("eval")[:4]], 24, seed=0,
+                     temperature=T)
+    batch = probe.sample(model, tok)
+    assert len(seen["scores"]) == batch.completion_ids.shape[1] > 1
+    for scores, logits in zip(seen["scores"], seen["logits"]):
+        assert torch.allclose(scores, logits / T, rtol=1e-6, atol=1e-6)
+    assert model.generation_config.repetition_penalty == 1.5  # the model's own settings are put back
+    # the probe's entropy is that of softmax(logits / T) on the sampled tokens (independent forward, float64)
+    ent, n = 0.0, 0
+    for i in range(batch.prompt_ids.shape[0]):
+        keep = torch.cat([batch.prompt_mask[i], batch.completion_mask[i]]).bool()
+        ids = torch.cat([batch.prompt_ids[i], batch.completion_ids[i]])[keep][None]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].double() / T
+        n_comp = int(batch.completion_mask[i].sum())
+        logp = torch.log_softmax(logits[-n_comp - 1:-1], -1)
+        ent, n = ent + float(-(logp.exp() * logp).sum()), n + n_comp
+    m = probe.measure(model, tok, InitialPolicy(model))
+    assert m["entropy_probe"] == pytest.approx(ent / n, rel=1e-4)

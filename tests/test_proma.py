@@ -70,7 +70,7 @@ def _policy(rank, method="proma"):
 
 
 def _backward(policy, projector, mb):
-    projector.begin(mb["attention_mask"], None if projector.intra else mb["advantages"])
+    projector.begin(mb["attention_mask"], mb["advantages"] if projector.advantage_free else None)
     projector.collecting = True
     terms = _sequence_terms(policy, mb)
     projector.collecting = False
@@ -273,9 +273,114 @@ def test_short_runs_write_all_metrics(tmp_path, tiny, method, rank):
         assert 0 < r["proma_removed_frac"] < (1 if "intra" in method else 10)  # intra: an orthogonal projection
     for key in ("accuracy", "kl_ref", "kl_step", "entropy", "wall_clock_s", "peak_mem_mb", "trainable_params"):
         assert s[key] is not None, key
-    if rank == "full":  # only Linear weights train; norms and the tied embedding are frozen and say so
+    if rank == "full":  # only the targeted Linear weights train (bench.policy): nothing left for PROMA to freeze
         model, _ = load_policy("tiny")
         linear = sum(m.weight.numel() for m in targeted_linears(model).values())
         assert s["trainable_params"] == linear < sum(p.numel() for p in model.parameters())
-        assert s["proma_frozen_tensors"] > 0 and "frozen" in s["notes"][0]
+        assert "proma_frozen_tensors" not in s
 
+
+
+# ---- the TRL settings PROMA refuses, and hooks that never fired -----------------------------------------------------
+
+REFUSED = [({"epsilon_high": 0.28}, "epsilon_high"), ({"delta": 2.0}, "delta"), ({"loss_type": "sapo"}, "sapo"),
+           ({"loss_type": "vespo"}, "vespo"), ({"loss_type": "cispo"}, "cispo"),
+           ({"importance_sampling_level": "sequence"}, "sequence"), ({"top_entropy_quantile": 0.2}, "top_entropy"),
+           ({"entropy_coef": 0.01}, "entropy bonus"), ({"use_adaptive_entropy": True}, "entropy bonus"),
+           ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold")]
+
+
+@pytest.mark.parametrize("method", ["proma", "proma_intra", "geora+proma"])
+@pytest.mark.parametrize("grpo,fragment", REFUSED)
+def test_proma_refuses_settings_that_break_the_advantage_one_trick(method, grpo, fragment):
+    from bench.errors import BenchError
+    with pytest.raises(BenchError, match=fragment) as e:
+        RunSpec(method=method, rank=4, grpo=grpo)
+    assert "\n" not in str(e.value)
+    RunSpec(method=method, rank=4, grpo={"loss_type": "bnpo", "weight_decay": 0.01})  # aggregation is free
+
+
+def test_proma_refusal_is_a_one_line_cli_error():
+    from tests.test_cli import assert_one_line_error, bench
+    assert_one_line_error(bench("run", "--methods", "proma", "--set", "grpo={epsilon_high: 0.28}"),
+                          "PROMA cannot run with ratio clipping", "epsilon_high=0.28")
+
+
+def test_composition_with_a_method_whose_overrides_proma_refuses(monkeypatch):
+    """proma+gspo-style: a registered method whose grpo_overrides set sequence-level ratios and epsilon_high."""
+    import methods
+    from bench.errors import BenchError
+    gspo_like = methods.Method(name="gspo_like", summary="test", grpo_overrides={
+        "importance_sampling_level": "sequence", "epsilon_high": 4e-4})
+    monkeypatch.setitem(methods.METHODS, "gspo_like", gspo_like)
+    get_method("gspo_like")  # fine alone
+    for name in ("proma+gspo_like", "gspo_like+proma"):
+        with pytest.raises(BenchError, match="epsilon_high=0.0004.*importance_sampling_level 'sequence'") as e:
+            get_method(name)
+        assert "\n" not in str(e.value) and name in str(e.value)
+
+
+def test_a_projected_weight_whose_forward_was_bypassed_is_an_error(tiny):
+    """As TRL's fused head does with lm_head.weight: the weight is used without calling its module, so the
+    forward hook never fires and the gradient would stay the advantage-free one."""
+    import torch.nn.functional as F
+    from bench.errors import BenchError
+    policy, tok = _policy("full")
+    projector = Projector(policy, get_method("proma").resolve_params(), intra=False)
+    mlp = policy.model.layers[1].mlp
+    mlp.forward = lambda x: F.linear(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj.weight)
+    mb = _microbatch(tok, 0)
+    projector.begin(mb["attention_mask"], mb["advantages"])
+    projector.collecting = True
+    terms = _sequence_terms(policy, mb)
+    projector.collecting = False
+    with pytest.raises(BenchError, match="layers.1.mlp.down_proj.*forward hooks never fired"):
+        terms.sum().backward()
+
+
+def test_untied_lm_head_is_never_a_projected_slot(tiny):
+    from methods.proma import projected_linears
+    policy, _ = _policy("full")
+    policy.lm_head.weight = torch.nn.Parameter(policy.lm_head.weight.detach().clone())  # untie
+    policy.lm_head.weight.requires_grad_(True)
+    names = set(projected_linears(policy))
+    assert "lm_head" not in names and "model.layers.0.self_attn.q_proj" in names
+
+
+def test_intra_with_advantage_free_output_gradients(tiny):
+    """output_grads="logprob": Q_G from the output gradients of the advantage-free loss, and the gradient rebuilt
+    with the true advantages; shrinkage 0 gives exactly the advantage-weighted loss's gradient."""
+    policy, tok = _policy(4, "proma_intra")
+    mb = _microbatch(tok, 0)
+    name = "layers.0.self_attn.q_proj.lora_A.default"
+    for shrinkage in (0.0, 1.0):
+        params = get_method("proma_intra").resolve_params({"power_iters": 30, "output_grads": "logprob",
+                                                           "shrinkage": shrinkage})
+        projector = Projector(policy, params, intra=True)
+        assert projector.advantage_free
+        slot = next(s for s in projector.slots if s.name.endswith(name))
+        seen = {}
+
+        def record(module, args, out):
+            seen["x"] = args[0].detach()
+            out.register_hook(lambda gr: seen.__setitem__("g", gr))
+        h = slot.module.register_forward_hook(record)
+        weights = _weights(policy, projector, [name])
+        per_seq = _autograd_sequence_grads(policy, mb, weights)[next(iter(weights))]
+        policy.zero_grad(set_to_none=True)
+        _backward(policy, projector, mb)  # the loss backpropagated has advantages 1
+        h.remove()
+        projector.remove()
+        true = (mb["advantages"][:, None] * per_seq).sum(0).view_as(slot.module.weight)  # sum_i A_i g_i
+        got = slot.module.weight.grad
+        scale = float(true.abs().max())
+        if shrinkage == 0.0:
+            assert torch.allclose(got, true, atol=1e-5 * scale)
+            continue
+        keep = mb["attention_mask"].bool()
+        x, gout = seen["x"][keep], seen["g"][keep]  # advantage-free output gradients
+        k_in, k_out = min(100, x.shape[1] // 10), max(1, min(100, gout.shape[1] // 10))
+        q_in = torch.linalg.svd(x, full_matrices=False)[2][:k_in].T
+        q_out = torch.linalg.svd(gout, full_matrices=False)[2][:k_out].T
+        assert torch.allclose(got, true - q_out @ (q_out.T @ true @ q_in) @ q_in.T, atol=1e-4 * scale)
+        assert float((got - true).norm()) > 0.01 * float(true.norm())

@@ -156,3 +156,109 @@ def test_saved_adapter_reloads_onto_the_original_base(tmp_path, tiny, method):
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
     with torch.no_grad():
         assert (reloaded(**enc).logits - trained).abs().max() < 1e-4
+
+
+# ---- scalings other than 1, the randomized GeoRA path, bf16 residuals -----------------------------------------------
+
+def _lora_policy(method, rank, alpha, rslora):
+    """PEFT's LoraConfig directly (build_policy has no rsLoRA switch), then the method's initializer."""
+    from peft import LoraConfig, get_peft_model
+    from methods import QWEN3_TARGETS
+    base, tok = load_policy("tiny")
+    m = get_method(method)
+    params = m.resolve_params()
+    config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=list(QWEN3_TARGETS),
+                        init_lora_weights=m.resolved_init(params), task_type="CAUSAL_LM")
+    policy = get_peft_model(base, config)
+    if m.adapter_init is not None:
+        with torch.no_grad():
+            m.adapter_init(policy, params)
+    return policy, tok
+
+
+@pytest.mark.parametrize("method", ["geora", "pissa", "milora"])
+@pytest.mark.parametrize("alpha,rslora", [(32.0, False), (3.0, False), (16.0, True)])
+def test_svd_inits_with_scaling_other_than_one(tiny, method, alpha, rslora):
+    """alpha != rank (scaling alpha / r) and rsLoRA (alpha / sqrt(r)): s B A is still the chosen SVD part and the
+    residual + s B A is W (numpy SVD, independent of the code under test)."""
+    rank = 8
+    base, _ = load_policy("tiny")
+    originals = {n: m.weight.detach().double().numpy().copy() for n, m in base.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.endswith("proj")}
+    policy, _ = _lora_policy(method, rank, alpha, rslora)
+    for layer in _layers(policy)[:7]:
+        scale = layer.scaling["default"]
+        assert scale == pytest.approx(alpha / (rank ** 0.5 if rslora else rank))
+        name = next(n for n, m in policy.named_modules() if m is layer).replace("base_model.model.", "")
+        w = originals[name]
+        target = _np_geora(w, rank, 0.2) if method == "geora" else w
+        u, s, vh = np.linalg.svd(target, full_matrices=False)
+        part = (u[:, -rank:] * s[-rank:]) @ vh[-rank:] if method == "milora" else (u[:, :rank] * s[:rank]) @ vh[:rank]
+        ba = (scale * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)).detach().double().numpy()
+        assert np.abs(ba - part).max() < 1e-4
+        residual = layer.get_base_layer().weight.detach().double().numpy()
+        assert np.abs(residual + ba - w).max() < 1e-5
+
+
+def test_geora_randomized_svd_path_on_a_wide_matrix(monkeypatch):
+    """Both sides > 512: `auto` takes the randomized SVD for W_r and for W_geo. W has a spectral gap, so the masks
+    equal numpy's exact GeoRA masks; W_geo has none (masking flattens the spectrum), so its randomized rank-r
+    factor is judged by Eckart-Young: its approximation error is within 1% of the optimal (exact SVD) one."""
+    from methods import svd_init
+    calls = []
+    lowrank = torch.svd_lowrank
+    monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **kw: calls.append(1) or lowrank(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(700, 600, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(600, 600, generator=g))
+    s = torch.cat([torch.linspace(40, 20, 8), torch.linspace(0.05, 0.01, 592)])
+    w = (q1 * s) @ q2.T  # 700 x 600
+    r = 8
+    w_geo = svd_init.geora_matrix(w, r, 0.2, "auto", niter=4)
+    u, sv, vh = svd_init.top_svd(w_geo, r, "auto", niter=4)
+    assert len(calls) == 2
+    expected_geo = _np_geora(w.double().numpy(), r, 0.2)
+    agree = float((torch.from_numpy(expected_geo != 0) == (w_geo != 0)).double().mean())
+    assert agree > 0.999  # masks equal up to entries at the quantile threshold
+    ue, se, vhe = np.linalg.svd(expected_geo, full_matrices=False)
+    best = (ue[:, :r] * se[:r]) @ vhe[:r]
+    got = ((u * sv) @ vh).double().numpy()
+    optimal = np.linalg.norm(expected_geo - best)
+    assert optimal < np.linalg.norm(expected_geo - got) < 1.01 * optimal
+
+
+@pytest.mark.parametrize("method", ["geora", "pissa", "milora"])
+def test_bf16_residual_init_kl_to_base_is_measured(tiny, method):
+    """bf16 weights: the residual W - s B A is rounded, so pi_0 is not exactly the base. The measured
+    KL(pi_0 || base) equals a float64 brute-force computation from the two models' logits, and it is what a
+    bf16 model gets (fp32: zero up to float noise)."""
+    from bench.policy import InitKLToBase
+    prompts = [plain_prompt(e.question) for e in get_task("synth-gsm").examples("eval")[:4]]
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        base, tok = load_policy("tiny", dtype=dtype)
+        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        pos = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad():
+            base_logits = base(**enc, position_ids=pos).logits.double()
+        m = get_method(method)
+        kl = InitKLToBase(base, m, 16, None, tok, prompts, temperature=0.7)
+        policy = build_policy(base, m, 16, 16.0, seed=0)
+        measured = kl.measure(policy)
+        with torch.no_grad():
+            init_logits = policy(**enc, position_ids=pos).logits.double()
+        p, q = torch.log_softmax(init_logits / 0.7, -1), torch.log_softmax(base_logits / 0.7, -1)
+        mask = enc["attention_mask"].bool()
+        brute = float((p.exp() * (p - q)).sum(-1)[mask].mean())
+        assert measured["init_kl_to_base_tokens"] == int(mask.sum())
+        assert measured["init_kl_to_base"] == pytest.approx(brute, rel=1e-2, abs=1e-7)  # float32 log-softmax noise
+        results[dtype] = measured["init_kl_to_base"]
+    assert results[torch.bfloat16] > 1e-6 and abs(results[torch.float32]) < 1e-7
+    print(f"{method}: init KL to base, bf16 {results[torch.bfloat16]:.3g}, fp32 {results[torch.float32]:.3g}")
+
+
+def test_init_kl_is_not_measured_for_methods_that_keep_the_base(tiny):
+    from bench.policy import InitKLToBase
+    base, tok = load_policy("tiny")
+    assert InitKLToBase(base, get_method("kl_free_lora"), 16, None, tok, ["a"]).measure(base) == {}
+    assert InitKLToBase(base, get_method("kl_free_lora"), "full", None, tok, ["a"]).measure(base) == {}
