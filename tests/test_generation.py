@@ -153,3 +153,14 @@ def test_score_records_are_lm_eval_exact_match_item_by_item():
     assert [r["id"] for r in score_records(records, ["7"] * 4, ids=["a", "b", 3, "d"])] == ["a", "b", "3", "d"]
     with pytest.raises(ValueError):  # a record without its gold (or the reverse) is a bug, not a zero
         score_records(records, ["7"] * 3)
+
+
+def test_eval_cost_measures_both_evals_on_identical_completions(tiny):
+    from bench.perf import eval_cost
+    from bench.spec import RunSpec
+    spec = RunSpec(method="kl_free_lora", rank=4, task_params={"n_eval": 30}, max_completion_length=24, eval_batch=8)
+    r = eval_cost(spec, "tiny", "cpu", reps=1, log=lambda *_: None, old_n=10, old_batch=16)
+    assert r["eval_items"] == {"old": 10, "new": 30} and r["eval_batch"] == {"old": 16, "new": 8}
+    med = r["eval_medians_s"]
+    assert r["eval_new_vs_old_cpu_ratio"] == pytest.approx(med["new_30"]["cpu_s"] / med["old_10"]["cpu_s"])
+    assert r["eval_same_items_cpu_ratio"] == pytest.approx(med["new_30"]["cpu_s"] / med["old_30"]["cpu_s"])
