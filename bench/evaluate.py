@@ -6,6 +6,7 @@ in-process, with lm-eval's own gsm8k prompt, generation, filters and exact-match
   and metric), reading the run's eval split from a local jsonl.
 Zero-shot by default (`--num-fewshot` to change), the harness's own prompt format; `max_gen_toks` is the run's
 max_completion_length. Strict and flexible exact match go into summary.json under `lm_eval`.
+`eval_records(run_dir, phase)` reads the harness's own per-item greedy eval records of a run (None for older runs).
 """
 from __future__ import annotations
 
@@ -16,9 +17,30 @@ from pathlib import Path
 import yaml
 
 from bench.errors import BenchError
-from bench.io import atomic_write_json, read_json
+from bench.io import atomic_write_json, read_json, read_jsonl
 
 STOCK_TASK = "gsm8k"
+EVAL_PHASES = ("base", "final")
+RECORD_KEYS = ("id", "prediction", "completion", "correct_strict", "correct_flexible", "completion_tokens",
+               "truncated")
+
+
+def eval_records(run_dir: Path, phase: str) -> list[dict] | None:
+    """A run's per-item greedy eval records (eval_base.jsonl / eval_final.jsonl, written by bench.runner), or None
+    for a run directory written before they existed (or whose run stopped before that eval)."""
+    if phase not in EVAL_PHASES:
+        raise BenchError(f"bad eval phase {phase!r}; valid: {', '.join(EVAL_PHASES)}")
+    path = Path(run_dir) / f"eval_{phase}.jsonl"
+    if not path.is_file():
+        return None
+    try:
+        rows = read_jsonl(path)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{path}: unreadable ({type(e).__name__})") from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or set(r) != set(RECORD_KEYS)), None)
+    if bad is not None:
+        raise BenchError(f"{path}: record {bad + 1} does not have exactly the keys {', '.join(RECORD_KEYS)}")
+    return rows
 
 
 def local_task_yaml(name: str, data_file: Path, max_gen_toks: int) -> dict:

@@ -16,7 +16,9 @@ The rest (skipped with --methods-only), each measured the same way on kl_free_lo
 - generation_vs_generate_ratio: completion tokens/s of the harness's rollout generation vs the model's own
   `generate` on the same prompts, sampling settings and token budget;
 - metric_overhead_fraction: kl_step (every step) + the probe set (every probe_every steps) per training step;
-- init_seconds: geora, pissa, milora initialization on the benchmarked model.
+- init_seconds: geora, pissa, milora initialization on the benchmarked model;
+- eval_new_vs_old_{wall,cpu}_ratio: the greedy eval on the whole eval split (bench.generation.greedy_decode) vs the
+  former eval (300 items, the model's own batched `generate`), same policy (`python -m bench.perf` runs only this).
 """
 from __future__ import annotations
 
@@ -244,6 +246,49 @@ def metric_overhead(spec, model_name: str, device: str, reps: int, log=print) ->
                                  "probe": statistics.median(probes), "probe_every": spec.probe_every}}
 
 
+def eval_cost(spec, model_name: str, device: str, reps: int, log=print, old_n: int = 300, old_batch: int = 512) -> dict:
+    """The greedy eval's cost, side by side on the same policy (a LoRA policy as a run starts it): the eval as it was
+    (the first `old_n` eval items through the model's own batched `generate`, `old_batch` prompts per call) vs
+    bench.generation.greedy_decode on the whole eval split (`spec.eval_batch` prompts per batch), and the old way on
+    the whole split too. Wall-clock and process CPU time (steadier on a shared machine), medians over interleaved
+    repetitions after a warm-up. The old way's completions must equal the new one's item for item."""
+    from bench.generation import generate, greedy_decode
+    from bench.models import load_policy, uses_chat_template
+    from bench.policy import build_policy
+    from methods import get_method
+    from tasks import chat_prompt, get_task, plain_prompt
+    model, tokenizer = load_policy(model_name, device=device, progress=False)
+    method = get_method("kl_free_lora")
+    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, method.resolve_params({}))
+    to_prompt = chat_prompt if uses_chat_template(tokenizer) else plain_prompt
+    prompts = [to_prompt(e.question) for e in get_task(spec.task, **spec.task_params).examples("eval")]
+    budget = spec.max_completion_length
+    sides = {f"old_{old_n}": lambda: generate(policy, tokenizer, prompts[:old_n], budget, batch_size=old_batch)[0],
+             f"old_{len(prompts)}": lambda: generate(policy, tokenizer, prompts, budget, batch_size=old_batch)[0],
+             f"new_{len(prompts)}": lambda: [r["completion"] for r in greedy_decode(policy, tokenizer, prompts, budget,
+                                                                                    spec.eval_batch)]}
+    wall, cpu, texts = {k: [] for k in sides}, {k: [] for k in sides}, {}
+    for rep in range(reps + 1):  # rep 0 is the warm-up
+        for name in (list(sides) if rep % 2 else list(sides)[::-1]):
+            _sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            texts[name] = sides[name]()
+            _sync()
+            if rep:
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        log(f"  eval cost repetition {rep}/{reps}{' (warm-up)' if rep == 0 else ''} done")
+    old, whole, new = sides
+    if texts[whole] != texts[new]:
+        raise RuntimeError("greedy_decode's completions differ from generate's: the comparison would not be fair")
+    med = {k: {"wall_s": statistics.median(wall[k]), "cpu_s": statistics.median(cpu[k])} for k in sides}
+    return {"eval_medians_s": med, "eval_items": {"old": min(old_n, len(prompts)), "new": len(prompts)},
+            "eval_batch": {"old": old_batch, "new": spec.eval_batch}, "eval_threads": torch.get_num_threads(),
+            "eval_new_vs_old_wall_ratio": med[new]["wall_s"] / med[old]["wall_s"],
+            "eval_new_vs_old_cpu_ratio": med[new]["cpu_s"] / med[old]["cpu_s"],
+            "eval_same_items_cpu_ratio": med[new]["cpu_s"] / med[whole]["cpu_s"]}
+
+
 def init_seconds(model_name: str, rank: int, device: str) -> dict:
     from bench.models import load_policy
     from bench.policy import build_policy
@@ -293,6 +338,8 @@ def run_perf(methods: list[str], rank, reps: int, model: str, device: str, out: 
             result["eager_vs_sdpa_medians_s"] = r["medians_s"]
         result.update(generation_vs_generate(spec, model, device, reps, log=log))
         result.update(metric_overhead(spec, model, device, reps, log=log))
+        log("greedy eval: today's batching on 300 items vs greedy_decode on the whole eval split")
+        result.update(eval_cost(spec, model, device, reps, log=log))
         result["init_seconds"] = init_seconds(model, rank if rank != "full" else 16, device)
         result["init_model"] = model
     atomic_write_json(out, result)
@@ -311,3 +358,14 @@ def format_table(result: dict) -> str:
     for k, v in result.get("init_seconds", {}).items():
         lines.append(f"init_seconds[{k}] ({result['init_model']}) {v:.3f}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m bench.perf [REPS] [THREADS]: the eval cost comparison alone
+    import json
+    import sys
+
+    from bench.runner import resolve_device
+    from bench.spec import RunSpec
+    torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    print(json.dumps(eval_cost(RunSpec(method="kl_free_lora", rank=16), "tiny", resolve_device("auto"),
+                               int(sys.argv[1]) if len(sys.argv) > 1 else 3), indent=2))

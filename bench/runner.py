@@ -449,12 +449,14 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     reference = InitialPolicy(policy)
     init_kl = init_kl.measure(policy)
     eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
+    eval_ids = [e.id if e.id is not None else str(i) for i, e in enumerate(evals)]  # stable across runs: paired stats
     eval_tokens = spec.max_completion_length
     fwd_threads = forward_threads(spec, policy, tokenizer, eval_prompts)
     t_eval = time.perf_counter()
     with torch_threads(fwd_threads):
         base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch,
-                               memo_dir=eval_memo_dir())  # shared by every run that starts from the same weights
+                               memo_dir=eval_memo_dir(), ids=eval_ids)  # shared by runs starting from these weights
+    atomic_write_jsonl(run_dir / "eval_base.jsonl", base["items"])
     eval_seconds = time.perf_counter() - t_eval
 
     dataset = Dataset.from_list([{"prompt": to_prompt(e.question), "gold": e.gold} for e in train])
@@ -494,7 +496,9 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         raise Preempted(f"stopped at step {callback.stopped_at} on request; checkpoint saved, re-run to resume")
     t_eval = time.perf_counter()
     with torch_threads(fwd_threads):
-        final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch)
+        final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch,
+                                ids=eval_ids)
+    atomic_write_jsonl(run_dir / "eval_final.jsonl", final["items"])
     eval_seconds += time.perf_counter() - t_eval
     save_trained(policy, run_dir, residual)
     out = _aggregate(rows)

@@ -151,7 +151,9 @@ class RunSpec:
     max_completion_length: int = 64      # longest synth-gsm solution: 62 tokens with EOS
     temperature: float = 1.0            # rollout sampling temperature (TRL also scales training logits by it)
     eval_size: int | None = None        # None: the whole eval split
-    eval_batch: int = 512               # prompts per greedy-eval generate call (left padding differs with it)
+    # greedy-eval prompts decoded together, sorted by length and left-padded to the batch's longest; padding may move
+    # a float's last bits, so completions are a function of it (bench.generation)
+    eval_batch: int = 64
     probe_size: int = 16
     probe_every: int = 20
     kl_step_seqs: int = 8

@@ -12,6 +12,7 @@ INSTRUCTION = "Solve the math word problem step by step. Write the final answer 
 class Example:
     question: str
     answer: str  # GSM8K-format solution: reasoning lines, then `#### N`
+    id: str | None = None  # the dataset's own item id, if it has one (eval records fall back to the split index)
 
     @property
     def gold(self) -> str:

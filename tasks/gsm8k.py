@@ -1,7 +1,9 @@
 """`gsm8k`: openai/gsm8k (config `main`) from the hub, or local GSM8K-format jsonl given with `--data PATH`.
 
 PATH is a .jsonl file (its last 10% becomes the eval split) or a directory holding `train.jsonl` and
-`test.jsonl`. Every record needs a string `question` and an `answer` whose last line is `#### N`.
+`test.jsonl`. Every record needs a string `question` and an `answer` whose last line is `#### N`; an optional `id`
+(unique in its file) names the item in the per-item eval records (else its index in the eval split does).
+The eval split is the whole test set (openai/gsm8k `test`: 1319 problems) unless a run sets `eval_size`.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ _FINAL = re.compile(r"####\s*\$?-?[0-9][0-9,]*(\.[0-9]+)?\s*$")
 
 def read_jsonl(path: Path) -> list[Example]:
     """Parse a GSM8K-format jsonl file; any malformed line is an error naming the file and line."""
-    out = []
+    out, ids = [], {}
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -37,7 +39,15 @@ def read_jsonl(path: Path) -> list[Example]:
                 raise BenchError(f"{path}:{lineno}: missing or empty string field {key!r}")
         if not _FINAL.search(record["answer"].strip()):
             raise BenchError(f"{path}:{lineno}: answer does not end with a final number '#### N'")
-        out.append(Example(question=record["question"], answer=record["answer"]))
+        item_id = record.get("id")
+        if item_id is not None:
+            if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id).strip():
+                raise BenchError(f"{path}:{lineno}: 'id' must be a non-empty string or an integer")
+            if str(item_id) in ids:
+                raise BenchError(f"{path}:{lineno}: duplicate id {item_id!r} (first on line {ids[str(item_id)]})")
+            ids[str(item_id)] = lineno
+        out.append(Example(question=record["question"], answer=record["answer"],
+                           id=None if item_id is None else str(item_id)))
     if not out:
         raise BenchError(f"{path}: no records")
     return out

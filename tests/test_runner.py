@@ -180,3 +180,41 @@ def _two_thread_backward_is_invariant(policy, tok, prompts):
             logits = policy(**ids).logits
             return torch.autograd.grad(torch.log_softmax(logits, -1)[..., 7].sum(), trainable)
     return all(torch.equal(a, b) for a, b in zip(grads(1), grads(2)))
+
+
+@pytest.mark.slow
+def test_runs_write_per_item_eval_records_also_from_the_memo(tmp_path, tiny, monkeypatch):
+    from bench import runner
+    from bench.evaluate import RECORD_KEYS, eval_records
+    monkeypatch.setattr(runner, "eval_memo_dir", lambda: tmp_path / "memo")
+    _, first = _run(tmp_path, tiny, name="a")
+    _, second = _run(tmp_path, tiny, name="b", method="kl_grpo", seed=1)  # same initial weights: a memo hit
+    assert first["status"] == second["status"] == "ok"
+    assert first["accuracy_base_memoized"] is False and second["accuracy_base_memoized"] is True
+    for name, s in (("a", first), ("b", second)):
+        for phase, key in (("base", "accuracy_base"), ("final", "accuracy")):
+            rows = eval_records(tmp_path / name, phase)
+            assert len(rows) == s["eval_n"] == 12 and all(tuple(sorted(r)) == tuple(sorted(RECORD_KEYS)) for r in rows)
+            assert [r["id"] for r in rows] == [str(i) for i in range(12)]  # eval-split indices: paired across runs
+            assert sum(r["correct_strict"] for r in rows) / 12 == pytest.approx(s[key])
+            assert sum(r["correct_flexible"] for r in rows) / 12 == pytest.approx(s[key.replace("accuracy",
+                                                                                              "accuracy_flexible")])
+            assert all(0 < r["completion_tokens"] <= SMALL["max_completion_length"] for r in rows)
+            assert all(r["completion_tokens"] == SMALL["max_completion_length"] for r in rows if r["truncated"])
+    assert eval_records(tmp_path / "a", "base") == eval_records(tmp_path / "b", "base")
+
+
+@pytest.mark.slow
+def test_a_run_directory_without_eval_records_still_works(tmp_path, tiny):
+    from bench.evaluate import eval_records, evaluate_run
+    from bench.errors import BenchError
+    _, s = _run(tmp_path, tiny, steps=1)
+    for phase in ("base", "final"):  # as written before the records existed
+        (tmp_path / "run" / f"eval_{phase}.jsonl").unlink()
+        assert eval_records(tmp_path / "run", phase) is None
+    assert run_one(RunSpec(**{"method": "kl_free_lora", "rank": 4, **SMALL, "steps": 1}), tmp_path / "run",
+                   progress=False) == s  # a finished run is skipped, records or not
+    assert evaluate_run(tmp_path / "run", limit=4)["n"] == 4  # bench eval
+    (tmp_path / "run" / "eval_final.jsonl").write_text('{"id": "0"}\n')
+    with pytest.raises(BenchError, match="record 1 does not have exactly the keys"):
+        eval_records(tmp_path / "run", "final")

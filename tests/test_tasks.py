@@ -28,8 +28,40 @@ def test_synth_gsm_splits_are_disjoint_by_question():
     train = {e.question for e in t.examples("train")}
     evals = {e.question for e in t.examples("eval")}
     dev = {e.question for e in t.examples("dev")}
-    assert len(train) == 5000 and len(evals) == 300 and len(dev) == 200
+    assert len(train) == 5000 and len(evals) == 1000 and len(dev) == 200
     assert not train & evals and not train & dev and not evals & dev
+
+
+def test_synth_gsm_default_splits_are_disjoint_and_the_eval_split_has_1000_items():
+    t = get_task("synth-gsm")  # the defaults every run uses
+    train, dev = [e.question for e in t.examples("train")], [e.question for e in t.examples("dev")]
+    evals = [e.question for e in t.examples("eval")]
+    assert (len(train), len(dev), len(evals)) == (20000, 200, 1000)
+    assert len(set(train)) == 20000 and len(set(dev)) == 200 and len(set(evals)) == 1000
+    assert not set(train) & set(evals) and not set(train) & set(dev) and not set(dev) & set(evals)
+    # a smaller eval split is a prefix of it: item ids (eval-split indices) name the same problems
+    assert [e.question for e in get_task("synth-gsm", n_eval=300).examples("eval")] == evals[:300]
+
+
+def test_gsm8k_eval_split_is_the_whole_test_set(gsm8k_dir):
+    t = get_task("gsm8k", data=str(gsm8k_dir))
+    lines = [json.loads(line) for line in (gsm8k_dir / "test.jsonl").read_text().splitlines() if line.strip()]
+    assert len(lines) == 1319 and [e.question for e in t.examples("eval")] == [r["question"] for r in lines]
+    assert all(e.id is None for e in t.examples("eval"))  # GSM8K has no ids: eval records use the index
+
+
+def test_gsm8k_jsonl_ids_are_kept_and_must_be_unique(tmp_path):
+    rows = [{"question": "q1", "answer": "#### 1", "id": "a"}, {"question": "q2", "answer": "#### 2", "id": 7},
+            {"question": "q3", "answer": "#### 3"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [e.id for e in read_jsonl(path)] == ["a", "7", None]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**rows[0], "question": "q4"}]))
+    with pytest.raises(BenchError, match=r"d.jsonl:4: duplicate id 'a' \(first on line 1\)"):
+        read_jsonl(path)
+    path.write_text(json.dumps({**rows[0], "id": ["x"]}) + "\n")
+    with pytest.raises(BenchError, match="d.jsonl:1: 'id' must be a non-empty string or an integer"):
+        read_jsonl(path)
 
 
 @pytest.mark.parametrize("params", [{}, {"min_steps": 3, "max_steps": 3, "max_number": 50, "max_factor": 9},
