@@ -243,7 +243,7 @@ def _record_crash(spec: RunSpec, out: Path) -> dict:
     return summary
 
 
-_TEXT_COLUMNS = {"run_id", "method", "rank", "status", "error"}
+_TEXT_COLUMNS = {"run_id", "method", "rank", "status", "trained_set", "error"}
 _CURVE_COLUMNS = ("kl_ref", "kl_ref_k3", "kl_step", "entropy", "entropy_probe", "reward")  # what reports plot
 
 

@@ -351,7 +351,7 @@ def check_trainer(trainer) -> None:
     """The same check on the trainer TRL built (a backstop, and what only the model decides: an MoE aux loss)."""
     check_grpo({**vars(trainer.args), "beta": trainer.beta})
     if getattr(trainer, "loss_hook", None) is not None:  # bench.engine's per-token loss term (kl_cov, clip_cov)
-        raise BenchError("PROMA cannot run with a per-token loss hook (e.g. kl_cov, clip_cov)")
+        raise BenchError("PROMA cannot be combined with a per-token loss hook (e.g. kl_cov, clip_cov)")
     if getattr(trainer, "aux_loss_enabled", False):
         raise BenchError("PROMA cannot run with an auxiliary (MoE load-balancing) loss")
 
