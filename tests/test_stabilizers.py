@@ -420,11 +420,10 @@ def test_all_means_every_registered_method():
         assert new in names
 
 
-@pytest.mark.xfail(reason="needs Method.check_grpo from the fidelity branch", strict=False)
 @pytest.mark.parametrize("name", ["proma+gspo", "proma+dapo", "proma+cispo", "proma+entropy_bonus"])
 def test_proma_refuses_losses_not_linear_in_the_advantages(name):
     from methods import get_method
-    with pytest.raises(BenchError):
+    with pytest.raises(BenchError, match="PROMA cannot run with|cannot compose proma"):
         get_method(name)
 
 
