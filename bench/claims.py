@@ -126,6 +126,11 @@ def _pairs(table: pd.DataFrame, check: Check) -> pd.DataFrame:
         columns={f"{check.metric}_a": "a", f"{check.metric}_b": "b"})
 
 
+def _no_pairs(table: pd.DataFrame, check: Check) -> CheckResult:
+    return CheckResult(check, "skipped", _missing(table, check) or
+                       f"no (rank, seed) run of both {check.method} and {check.baseline}")
+
+
 def _ambiguous(table: pd.DataFrame, check: Check) -> str:
     """A method with several configurations in one context (e.g. two --method-param values) has two runs per
     (rank, seed): they cannot be paired or pooled, so the check is skipped."""
@@ -183,8 +188,7 @@ def spearman_trend(table: pd.DataFrame, check: Check, alpha: float) -> CheckResu
 def paired_t(table: pd.DataFrame, check: Check, alpha: float) -> CheckResult:
     pairs = _pairs(table, check)
     if pairs.empty:
-        return CheckResult(check, "skipped", _missing(table, check) or
-                           f"no (rank, seed) run of both {check.method} and {check.baseline}")
+        return _no_pairs(table, check)
     n_ranks = pairs["rank"].nunique()
     if check.log_scale:
         pairs = pairs[(pairs.a > 0) & (pairs.b > 0)]
@@ -214,8 +218,7 @@ def paired_t(table: pd.DataFrame, check: Check, alpha: float) -> CheckResult:
 def tost(table: pd.DataFrame, check: Check, alpha: float) -> CheckResult:
     pairs = _pairs(table, check)
     if pairs.empty:
-        return CheckResult(check, "skipped", _missing(table, check) or
-                           f"no (rank, seed) run of both {check.method} and {check.baseline}")
+        return _no_pairs(table, check)
     n_ranks = pairs["rank"].nunique()
     m = check.margin
     e = stats.tost((pairs.a - pairs.b).to_numpy(float), m, alpha)
@@ -235,8 +238,7 @@ def tost(table: pd.DataFrame, check: Check, alpha: float) -> CheckResult:
 def non_inferiority(table: pd.DataFrame, check: Check, alpha: float) -> CheckResult:
     pairs = _pairs(table, check)
     if pairs.empty:
-        return CheckResult(check, "skipped", _missing(table, check) or
-                           f"no (rank, seed) run of both {check.method} and {check.baseline}")
+        return _no_pairs(table, check)
     n_ranks = pairs["rank"].nunique()
     m = check.margin
     t = stats.one_sample_t((pairs.a - pairs.b).to_numpy(float), -m)

@@ -323,9 +323,14 @@ def t_n_needed(effect: float, sd: float, alpha: float = 0.05, power: float = POW
     """Smallest n at which a one-sample t test detects `effect` with the given power (None beyond n_max)."""
     if not (sd > 0 and abs(effect) > 0):
         return None
+    return _smallest_n(lambda n: t_power(effect, sd, n, alpha, sided), power, n_max)
+
+
+def _smallest_n(power_at, power: float, n_max: int) -> int | None:
+    """The first n >= 2 with power_at(n) >= power: every n to 100, then in steps of 10% (None beyond n_max)."""
     n = 2
     while n <= n_max:
-        if t_power(effect, sd, n, alpha, sided) >= power:
+        if power_at(n) >= power:
             return n
         n = n + 1 if n < 100 else int(n * 1.1)
     return None
@@ -359,12 +364,7 @@ def tost_n_needed(delta: float, sd: float, margin: float, alpha: float = 0.05, p
                   n_max: int = 10_000) -> int | None:
     if not sd > 0 or abs(delta) >= margin:
         return None
-    n = 2
-    while n <= n_max:
-        if tost_power(delta, sd, n, margin, alpha) >= power:
-            return n
-        n = n + 1 if n < 100 else int(n * 1.1)
-    return None
+    return _smallest_n(lambda n: tost_power(delta, sd, n, margin, alpha), power, n_max)
 
 
 # Spearman's rho: Fisher's z with the variance 1.06 / (n - 3) of Fieller, Hartley & Pearson (1957)
