@@ -21,6 +21,24 @@ def _np_geora(w: np.ndarray, r: int, rho: float) -> np.ndarray:
     return w * mask
 
 
+def _assert_is_geora_part(ba: np.ndarray, w: np.ndarray, r: int, rho: float = 0.2) -> None:
+    """ba is the top-r SVD part of W_geo (Eckart-Young), W_geo computed here in fp64. The method computes W_r in
+    fp32 (methods/svd_init.py), and fp32 SVD moves W_r's entries by up to ~4e-4 of the quantile: where two entries
+    lie closer than that around the quantile they may swap sides of the mask (one o_proj of the embedded model).
+    There W_geo differs in those entries, and ba is judged by its approximation error instead: within 0.1% of the
+    optimal one (a wrong subspace, e.g. the minor triplets, is worse by far more)."""
+    w_geo = _np_geora(w, r, rho)
+    u, s, vh = np.linalg.svd(w_geo, full_matrices=False)
+    best = (u[:, :r] * s[:r]) @ vh[:r]
+    u, s_r, vh = np.linalg.svd(w, full_matrices=False)
+    flat = np.sort(np.abs((u[:, :r] * s_r[:r]) @ vh[:r]).ravel())
+    k = int(np.ceil(rho * flat.size)) - 1
+    if min(flat[k + 1] - flat[k], flat[k] - flat[k - 1]) > 1e-3 * flat[k]:
+        assert np.abs(ba - best).max() < 1e-4
+    else:
+        assert np.linalg.norm(w_geo - ba) <= 1.001 * np.sqrt((s[r:] ** 2).sum())
+
+
 def _layers(policy):
     from peft.tuners.lora import LoraLayer
     return [m for m in policy.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
@@ -59,11 +77,8 @@ def test_geora_adapter_is_the_best_rank_r_approximation_of_w_geo(tiny):
     for layer in _layers(policy)[:7]:
         name = next(n for n, m in policy.named_modules() if m is layer).replace("base_model.model.", "")
         w = originals[name]
-        w_geo = _np_geora(w, 8, 0.2)
-        u, s, vh = np.linalg.svd(w_geo, full_matrices=False)
-        best = (u[:, :8] * s[:8]) @ vh[:8]  # Eckart-Young
         ba = layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
-        assert np.abs(ba.detach().double().numpy() - best).max() < 1e-4
+        _assert_is_geora_part(ba.detach().double().numpy(), w, 8)
         residual = layer.get_base_layer().weight.detach().double().numpy()
         assert np.abs(residual + ba.detach().double().numpy() - w).max() < 1e-5
 
@@ -191,11 +206,13 @@ def test_svd_inits_with_scaling_other_than_one(tiny, method, alpha, rslora):
         assert scale == pytest.approx(alpha / (rank ** 0.5 if rslora else rank))
         name = next(n for n, m in policy.named_modules() if m is layer).replace("base_model.model.", "")
         w = originals[name]
-        target = _np_geora(w, rank, 0.2) if method == "geora" else w
-        u, s, vh = np.linalg.svd(target, full_matrices=False)
-        part = (u[:, -rank:] * s[-rank:]) @ vh[-rank:] if method == "milora" else (u[:, :rank] * s[:rank]) @ vh[:rank]
         ba = (scale * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)).detach().double().numpy()
-        assert np.abs(ba - part).max() < 1e-4
+        if method == "geora":
+            _assert_is_geora_part(ba, w, rank)
+        else:
+            u, s, vh = np.linalg.svd(w, full_matrices=False)
+            part = (u[:, -rank:] * s[-rank:]) @ vh[-rank:] if method == "milora" else (u[:, :rank] * s[:rank]) @ vh[:rank]
+            assert np.abs(ba - part).max() < 1e-4
         residual = layer.get_base_layer().weight.detach().double().numpy()
         assert np.abs(residual + ba - w).max() < 1e-5
 
