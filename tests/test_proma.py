@@ -205,6 +205,17 @@ def test_randomized_top_subspace_matches_svd_with_a_gap(monkeypatch):
     assert torch.allclose(q @ q.T, exact @ exact.T, atol=1e-3)  # the same subspace
 
 
+def _record_inputs_and_output_grads(module):
+    """A dict that the module's next forward and backward fill with its input ("x") and output gradient ("g"), and
+    the hook handle to remove."""
+    seen = {}
+
+    def record(module, args, out):
+        seen["x"] = args[0].detach()
+        out.register_hook(lambda gr: seen.__setitem__("g", gr))
+    return seen, module.register_forward_hook(record)
+
+
 def test_intra_removes_the_dominant_block_per_microbatch(tiny):
     policy, tok = _policy(4, "proma_intra")
     params = get_method("proma_intra").resolve_params({"power_iters": 30})
@@ -213,12 +224,7 @@ def test_intra_removes_the_dominant_block_per_microbatch(tiny):
     name = "layers.0.self_attn.q_proj.lora_A.default"
     slot = next(s for s in projector.slots if s.name.endswith(name))
     # independent record of the layer's activations and output gradients (our own hooks)
-    seen = {}
-
-    def record(module, args, out):
-        seen["x"] = args[0].detach()
-        out.register_hook(lambda gr: seen.__setitem__("g", gr))
-    h = slot.module.register_forward_hook(record)
+    seen, h = _record_inputs_and_output_grads(slot.module)
     weights = _weights(policy, projector, [name])
     expected = _autograd_sequence_grads(policy, mb, weights)[next(iter(weights))]
     policy.zero_grad(set_to_none=True)
@@ -359,12 +365,7 @@ def test_intra_with_advantage_free_output_gradients(tiny):
         projector = Projector(policy, params, intra=True)
         assert projector.advantage_free
         slot = next(s for s in projector.slots if s.name.endswith(name))
-        seen = {}
-
-        def record(module, args, out):
-            seen["x"] = args[0].detach()
-            out.register_hook(lambda gr: seen.__setitem__("g", gr))
-        h = slot.module.register_forward_hook(record)
+        seen, h = _record_inputs_and_output_grads(slot.module)
         weights = _weights(policy, projector, [name])
         per_seq = _autograd_sequence_grads(policy, mb, weights)[next(iter(weights))]
         policy.zero_grad(set_to_none=True)
