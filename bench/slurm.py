@@ -169,6 +169,21 @@ def submit(specs, out: Path, profile: dict) -> dict:
     return record
 
 
+def to_submit(specs, out: Path, resume: bool) -> list:
+    """The runs of the grid to submit: all but those finished (ok, diverged), pending or running. Runs already pending
+    or running are an error without `resume`, and so are runs whose state SLURM cannot tell (nothing is submitted)."""
+    states = {r["run_id"]: r["state"] for r in sweep_status(out)}
+    unknown = [s.run_id for s in specs if states.get(s.run_id) == "unknown"]
+    if unknown:
+        raise BenchError(f"{out}: cannot tell whether {len(unknown)} submitted run(s) are still queued "
+                         f"(e.g. {unknown[0]}): sacct and squeue failed; nothing submitted")
+    active = [s.run_id for s in specs if states.get(s.run_id) in ("pending", "running")]
+    if active and not resume:
+        raise BenchError(f"{out}: {len(active)} run(s) already pending or running under SLURM "
+                         f"(e.g. {active[0]}); use --resume to submit only what is missing")
+    return [s for s in specs if states.get(s.run_id) not in ("ok", "diverged", "pending", "running")]
+
+
 def read_record(out: Path) -> dict:
     """SWEEP/slurm_jobs.json ({} when absent); a corrupt one is a one-line error naming it."""
     path = Path(out) / RECORD

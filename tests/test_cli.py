@@ -56,7 +56,7 @@ def test_bad_thread_count_in_the_environment(tmp_path, monkeypatch, name, value)
 
 
 def test_method_params_go_to_the_methods_that_have_them():
-    from bench.cli import method_params_per_method
+    from bench.config import method_params_per_method
     from bench.errors import BenchError
     methods = ["geora", "proma", "geora+proma", "kl_free_lora"]
     out = method_params_per_method(methods, {"rho": 0.3, "proma.cap": 0.2, "sweeps": 3})

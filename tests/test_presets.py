@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from bench.cli import build_specs, load_config_file, preset_names, preset_path, resolve_run_options
+from bench.config import build_specs, load_config_file, preset_names, preset_path, resolve_run_options
 from bench.errors import BenchError
 from bench.runner import run_one
 from tests.test_cli import assert_one_line_error, bench
@@ -61,9 +61,9 @@ def test_preset_code_path_on_the_tiny_model(tmp_path, tiny, name):
 
 def test_unknown_preset_and_unknown_preset_key(tmp_path, monkeypatch):
     assert_one_line_error(bench("run", "--preset", "nope"), "unknown preset 'nope'", "proma-gsm8k")
-    import bench.cli as cli
+    import bench.config as config
     (tmp_path / "bad.yaml").write_text("model: tiny\nlearning_rate: 0.1\n")
-    monkeypatch.setattr(cli, "PRESETS", tmp_path)
+    monkeypatch.setattr(config, "PRESETS", tmp_path)
     with pytest.raises(BenchError, match=r"preset .*bad.yaml: unknown key 'learning_rate'"):
         load_config_file(preset_path("bad"), "preset")
 
