@@ -11,11 +11,9 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from bench import settings
+from bench import preflight, settings
 from bench.config import build_specs, default_out, preset_names, preset_summary, resolve_run_options
 from bench.errors import BenchError
-from bench.preflight import (check_device_available, check_executor_flags, check_existing_runs, check_out_writable,
-                             check_ranks_against_model, parse_jobs)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -28,26 +26,26 @@ def cmd_run(args) -> int:
     from bench.sweep import run_sweep
     options = resolve_run_options(args)
     specs = build_specs(options)
-    check_executor_flags(args)
+    preflight.check_executor_flags(args)
     from bench.threads import env_threads
     for name in ("BENCH_NUM_THREADS", "BENCH_FORWARD_THREADS"):
         env_threads(name)  # a bad value stops here, before any training
     out = default_out(options)
     if args.executor == "local":
         for device in sorted({s.device for s in specs}):
-            check_device_available(device)
-    check_out_writable(out)
+            preflight.check_device_available(device)
+    preflight.check_out_writable(out)
     from bench.models import check_weights, resolve_model_path
     resolve_model_path(options["model"], progress=not args.no_progress)  # builds `tiny` once, before any run
     check_weights(options["model"])
-    check_ranks_against_model(options["model"], [s.rank for s in specs])
+    preflight.check_ranks_against_model(options["model"], [s.rank for s in specs])
     from bench.runner import resolve_device
     if any(s.generation_backend == "vllm" and resolve_device(s.device) != "cuda" for s in specs):
         raise BenchError("generation_backend vllm needs a CUDA device (--device cuda or auto on a GPU machine)")
-    check_existing_runs(specs, out)
+    preflight.check_existing_runs(specs, out)
     if args.executor == "slurm":
         return submit_to_slurm(args, specs, out)
-    df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
+    df = run_sweep(specs, out, progress=not args.no_progress, jobs=preflight.parse_jobs(args.jobs, specs))
     held = df.attrs.get("held", [])
     if not df.empty:
         df = df[~df.run_id.isin(held)]  # another process is running these: their summary.json is not final
@@ -183,7 +181,7 @@ def cmd_eval(args) -> int:
             raise BenchError(f"bad {flag} {value}: must be >= {least}")
     if not DEVICE_PATTERN.fullmatch(args.device):
         raise BenchError(f"bad --device {args.device!r}; valid: auto, cpu, cuda, cuda:N")
-    check_device_available(args.device)
+    preflight.check_device_available(args.device)
     if not Path(args.run_dir).is_dir():
         raise BenchError(f"{args.run_dir}: no such run directory")
     out = evaluate_run(Path(args.run_dir), limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,

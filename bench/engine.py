@@ -54,10 +54,12 @@ def effective_grpo(settings: dict) -> dict:
 def grpo_settings(spec, method, output_dir: str = "", reward_weights: list[float] | None = None, chat: bool = False,
                   use_cpu: bool = True) -> dict:
     """The GRPOConfig keyword arguments of a run. Every default that silently changes the algorithm is set
-    explicitly (ecosystem.md section 8)."""
+    explicitly (TRL 1.16 defaults: loss_type "dapo", use_bias_correction_kl True; see
+    https://huggingface.co/docs/trl/grpo_trainer)."""
     kwargs = dict(
         output_dir=output_dir,
-        # objective (shared/seeds/001): per-sequence token mean, group-normalized advantages (std + 1e-4)
+        # GRPO's objective (Shao et al. 2024, arXiv 2402.03300): per-sequence token mean, group-normalized advantages
+        # (std + 1e-4)
         loss_type="grpo", scale_rewards="group", epsilon=0.2, beta=method.resolved_beta(spec.method_params),
         use_bias_correction_kl=False,  # the plain k3 KL term; TRL 1.16 defaults to True
         importance_sampling_level="token", num_iterations=1, mask_truncated_completions=False,

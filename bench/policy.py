@@ -54,7 +54,8 @@ def build_policy(model, method, rank, alpha: float | None, seed: int, params: di
         with torch.no_grad():
             method.adapter_init(policy, params)
     # The adapter now holds its initial values; later copies (TRL's "ref" adapter) must not re-run an SVD init
-    # on the already-residual base weights (ecosystem.md 1.5).
+    # on the already-residual base weights (TRL 1.16 copies the adapter config with PeftModel.add_adapter, which
+    # re-runs a PiSSA init and so mutates the shared base weights a second time).
     policy.peft_config["default"].init_lora_weights = True
     return policy
 

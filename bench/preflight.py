@@ -84,8 +84,9 @@ def check_existing_runs(specs, out: Path) -> None:
     if unreadable:
         raise BenchError(unreadable[0][1] + (f" ({len(unreadable) - 1} more like it)" if len(unreadable) > 1 else ""))
     if conflicts:
-        raise BenchError(f"{out} holds {len(conflicts)} run(s) with a different configuration (e.g. {conflicts[0][0]}); "
-                         "use another --out, or remove those run directories; nothing was run")
+        raise BenchError(f"{out} holds {len(conflicts)} run(s) with a different configuration "
+                         f"(e.g. {conflicts[0][0]}); use another --out, or remove those run directories; "
+                         "nothing was run")
 
 
 def check_ranks_against_model(model_name: str, ranks) -> None:

@@ -3,8 +3,8 @@
 preset and --config files, the `--set` keys and `bench run --help` are all derived from these declarations.
 
 Three kinds of settings:
-- `RunSpec` fields (bench/spec.py): what determines one run. Every field that no option below owns is a `--set KEY=VALUE`
-  key (and a `set:` key of presets and --config files), listed with its help in `bench run --help`.
+- `RunSpec` fields (bench/spec.py): what determines one run. Every field that no option below owns is a
+  `--set KEY=VALUE` key (and a `set:` key of presets and --config files), listed with its help in `bench run --help`.
 - `SweepOptions`: the sweep's options, layered defaults < --preset < --config file < command-line flags
   (bench.config.resolve_run_options). Their flags are read as text and cast once, for flags and files alike, in
   bench.config.build_specs. An option with `spec=FIELD` sets that RunSpec field: with a default of its own it always
@@ -15,7 +15,8 @@ Three kinds of settings:
   (bench.slurm.PROFILE_FIELDS) override the profile.
 
 Adding a setting is one field:
-- a run setting: a field of `RunSpec` with its default and help (`_setting(default, "help")`); it is a --set key at once;
+- a run setting: a field of `RunSpec` with its default and help (`_setting(default, "help")`); it is a --set key at
+  once, shown in `bench run --help`, and part of the run's key;
 - a sweep option (also read from presets and --config files): a field of `SweepOptions`, `setting(default, "help")`,
   and its use in bench.config.build_specs (none needed when it only sets a RunSpec field: `spec="field"`);
 - a command-line-only option: a field of `LaunchOptions` (or `SlurmOptions`), read from `args.<name>` in bench.cli.

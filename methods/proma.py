@@ -1,4 +1,4 @@
-"""PROMA: projected microbatch accumulation (Abrahamsen, arXiv 2601.10498; spec: shared/research/papers.md s.1).
+"""PROMA: projected microbatch accumulation (Abrahamsen, arXiv 2601.10498).
 
 Accumulation variant (`proma`, the paper's main method; the author's VeRL fork, dp_actor.py). For every trainable
 weight W (d_out x d_in) of an nn.Linear (LoRA: lora_A and lora_B; rank `full`: the projections) and every

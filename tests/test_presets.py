@@ -20,6 +20,7 @@ GSM8K_LINES = [  # GSM8K's own format: question, answer with <<calc>> annotation
 ]
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_presets_are_listed():
     names = preset_names()
     assert {"qwen3-0.6b-gsm8k", "rottman-kl-rank", "proma-gsm8k", "geora"} <= set(names)
@@ -59,6 +60,7 @@ def test_preset_code_path_on_the_tiny_model(tmp_path, tiny, name):
     assert ran == len({s.method for s in specs})
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_unknown_preset_and_unknown_preset_key(tmp_path, monkeypatch):
     assert_one_line_error(bench("run", "--preset", "nope"), "unknown preset 'nope'", "proma-gsm8k")
     import bench.config as config
