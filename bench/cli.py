@@ -26,23 +26,8 @@ def cmd_run(args) -> int:
     from bench.sweep import run_sweep
     options = resolve_run_options(args)
     specs = build_specs(options)
-    preflight.check_executor_flags(args)
-    from bench.threads import env_threads
-    for name in ("BENCH_NUM_THREADS", "BENCH_FORWARD_THREADS"):
-        env_threads(name)  # a bad value stops here, before any training
     out = default_out(options)
-    if args.executor == "local":
-        for device in sorted({s.device for s in specs}):
-            preflight.check_device_available(device)
-    preflight.check_out_writable(out)
-    from bench.models import check_weights, resolve_model_path
-    resolve_model_path(options["model"], progress=not args.no_progress)  # builds `tiny` once, before any run
-    check_weights(options["model"])
-    preflight.check_ranks_against_model(options["model"], [s.rank for s in specs])
-    from bench.runner import resolve_device
-    if any(s.generation_backend == "vllm" and resolve_device(s.device) != "cuda" for s in specs):
-        raise BenchError("generation_backend vllm needs a CUDA device (--device cuda or auto on a GPU machine)")
-    preflight.check_existing_runs(specs, out)
+    preflight.check_sweep(args, options, specs, out)
     if args.executor == "slurm":
         return submit_to_slurm(args, specs, out)
     df = run_sweep(specs, out, progress=not args.no_progress, jobs=preflight.parse_jobs(args.jobs, specs))
