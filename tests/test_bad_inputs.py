@@ -227,7 +227,9 @@ DAMAGED = [
 ]
 
 
-@pytest.mark.parametrize("case,name,content,command,code,expected", DAMAGED, ids=[c[0] for c in DAMAGED])
+@pytest.mark.parametrize("case,name,content,command,code,expected",  # `report` renders the plots: slow
+                         [pytest.param(*c, marks=pytest.mark.slow) if c[3] == "report" else c for c in DAMAGED],
+                         ids=[c[0] for c in DAMAGED])
 def test_damaged_run_files_are_named_not_tracebacks(case, name, content, command, code, expected, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     _run(sweep, "kl_free_lora")

@@ -57,6 +57,7 @@ def test_array_ids_expand():
     assert _expand("12_3") == ["12_3"]
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_bad_profile_is_one_line(tmp_path):
     r = bench("run", "--executor", "slurm", "--profile", "nope", "--out", str(tmp_path / "s"))
     if shutil.which("sbatch") is None:
@@ -65,6 +66,7 @@ def test_bad_profile_is_one_line(tmp_path):
         assert_one_line_error(r, "SLURM profile 'nope' not found")
 
 
+@pytest.mark.slow  # two collects in subprocesses
 def test_two_concurrent_collects_leave_valid_files(tmp_path):
     """Sweep-level files are written by collect, atomically: concurrent collects never leave a torn file."""
     out = tmp_path / "sweep"
