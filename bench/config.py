@@ -155,8 +155,8 @@ def build_specs(options: dict):
         raise BenchError(f"bad --task-param for task {options['task']} ({given}): "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     method_params = method_params_per_method(methods, as_params(options["method_param"], "--method-param"))
-    common = {"task": options["task"], "task_params": task_params, "model": options["model"],
-              "device": options["device"]}
+    common = {spec_field: options[name] for name, spec_field in settings.always_options().items()}
+    common["task_params"] = task_params
     overrides = as_params(options["set"], "--set")  # any other RunSpec field
     settable = settings.set_keys()
     unknown = sorted(set(overrides) - set(settable))

@@ -17,8 +17,9 @@ Three kinds of settings:
 Adding a setting is one field:
 - a run setting: a field of `RunSpec` with its default and help (`_setting(default, "help")`); it is a --set key at
   once, shown in `bench run --help`, and part of the run's key;
-- a sweep option (also read from presets and --config files): a field of `SweepOptions`, `setting(default, "help")`,
-  and its use in bench.config.build_specs (none needed when it only sets a RunSpec field: `spec="field"`);
+- a sweep option (also read from presets and --config files): a field of `SweepOptions`, `setting(default, "help")`;
+  one that sets a RunSpec field says which (`spec="field"`) and needs nothing else, any other is read from the
+  options in bench.config.build_specs;
 - a command-line-only option: a field of `LaunchOptions` (or `SlurmOptions`), read from `args.<name>` in bench.cli.
 The flag is the field's name with dashes (`eval_size` -> `--eval-size`); `kind` says how it is parsed: "value" (one
 value), "list" (a comma list), "params" (KEY=VALUE, repeatable), "switch" (a flag without a value).
@@ -125,6 +126,13 @@ def _plain_type(hint):
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint if hint in (int, float) else None
+
+
+def always_options() -> dict[str, str]:
+    """Single-value options that set their RunSpec field whatever the layers say (they have a default of their own):
+    name -> field (task, model, device)."""
+    return {f.name: f.metadata["spec"] for f in fields(SweepOptions)
+            if f.metadata["spec"] and f.metadata["kind"] == "value" and f.default is not None}
 
 
 def given_options() -> dict[str, tuple[str, type]]:

@@ -28,6 +28,7 @@ def test_defaults_and_set_keys_are_those_of_before():
     assert settings.defaults() == OLD_DEFAULTS
     assert list(settings.defaults()) == list(OLD_DEFAULTS)  # the order of "valid: ..." in a bad config file's error
     assert set(settings.set_keys()) == {f.name for f in fields(RunSpec)} - NOT_SETTABLE
+    assert settings.always_options() == {"task": "task", "model": "model", "device": "device"}
     assert settings.given_options() == {"steps": ("steps", int), "lr": ("lr", float), "alpha": ("alpha", float),
                                         "eval_size": ("eval_size", int), "final_eval": ("final_eval", str)}
 
