@@ -302,7 +302,7 @@ def cmd_run(args) -> int:
     resolve_model_path(options["model"], progress=not args.no_progress)  # builds `tiny` once, before any run
     check_weights(options["model"])
     check_ranks_against_model(options["model"], [s.rank for s in specs])
-    from bench.runner import resolve_device
+    from bench.device import resolve_device
     if any(s.generation_backend == "vllm" and resolve_device(s.device) != "cuda" for s in specs):
         raise BenchError("generation_backend vllm needs a CUDA device (--device cuda or auto on a GPU machine)")
     check_existing_runs(specs, out)
@@ -322,7 +322,7 @@ def cmd_run(args) -> int:
 
 
 def parse_jobs(value: str, specs) -> int:
-    from bench.sweep import auto_jobs
+    from bench.parallel import auto_jobs
     if str(value).strip().lower() == "auto":
         return auto_jobs(specs)
     try:
