@@ -40,6 +40,7 @@ from bench.errors import BenchError
 from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
 from bench.threads import torch_threads
+from tasks import RewardConfig
 
 
 def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat: bool, use_cpu: bool) -> GRPOConfig:
@@ -108,7 +109,6 @@ def make_trainer(spec, method, params: dict, policy, tokenizer, dataset, output_
     every event. Used by the runner and by `bench perf`, so both time the same object."""
     from transformers import PrinterCallback
 
-    from tasks import RewardConfig
     funcs, weights = RewardConfig(**spec.reward).funcs_and_weights()
     args = grpo_config(spec, method, output_dir, weights, chat=chat, use_cpu=device == "cpu")
     if (trainer_cls or BenchGRPOTrainer) is BenchGRPOTrainer:
