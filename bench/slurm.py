@@ -245,7 +245,8 @@ def scheduler_states(array_ids: list[str]) -> tuple[dict[str, str], str | None]:
 
 def sweep_status(out: Path) -> list[dict]:
     """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted; running also for a
-    local run whose lock a process holds; unfinished: a local run started without a final record that nobody runs; unreadable: its summary.json is damaged and no SLURM job holds it; unknown when
+    local run whose lock a process holds; unfinished: a local run started without a final record that nobody runs;
+    unreadable: its summary.json is damaged (bench.results.read_summary) and no SLURM job holds it; unknown when
     SLURM cannot be asked about a run without a final record), job_id, detail."""
     out = Path(out)
     record = read_record(out)

@@ -24,6 +24,7 @@ from bench.runner import run_one
 from bench.spec import RunSpec
 from bench.tables import collect
 
+
 def grid(methods: list[str], ranks: list, seeds: list[int], method_params: dict | None = None,
          **common) -> list[RunSpec]:
     """method_params: {method: {param: value}} (each method gets only its own)."""

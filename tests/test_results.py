@@ -33,8 +33,9 @@ def test_summary_and_leaderboard_columns_are_those_on_disk():
 def test_the_runners_summary_uses_declared_fields_only():
     """summarize() (the runner's summary of a finished training) on hand-made inputs: every key it writes is a
     declared field, or the method's own."""
-    from bench.runner import Prepared, _aggregate, summarize
     import torch
+
+    from bench.runner import Prepared, _aggregate, summarize
     policy = torch.nn.Linear(2, 2)
     prep = Prepared(method=None, params={}, policy=policy, tokenizer=None, to_prompt=str, residual=False,
                     init_seconds=0.1, init_kl={"init_kl_to_base": 1e-6, "init_kl_to_base_tokens": 40})
