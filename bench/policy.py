@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from bench.errors import BenchError
+from bench.generation import eval_mode, format_prompts
 from methods import QWEN3_TARGETS
 
 
@@ -92,7 +93,6 @@ def trained_set(model) -> str:
 def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / T) at every position of (left-padded) sequences, float32 [B, L, V]."""
-    from bench.generation import eval_mode
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     with eval_mode(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
@@ -111,7 +111,6 @@ class InitKLToBase:
         self.base = None
         if rank == "full" or not method.modifies_base(method.resolve_params(params)) or not prompts:
             return
-        from bench.generation import format_prompts
         device = next(model.parameters()).device
         self.enc = tokenizer(format_prompts(tokenizer, prompts[:max_prompts]), return_tensors="pt", padding=True,
                              padding_side="left", add_special_tokens=False).to(device)

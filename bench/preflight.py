@@ -16,7 +16,7 @@ def check_sweep(args, options: dict, specs, out: Path) -> None:
     once here if it is the embedded one; safetensors weights; ranks against its matrices), the generation backend,
     and runs already in the output directory."""
     from bench.models import check_weights, resolve_model_path
-    from bench.runner import resolve_device
+    from bench.device import resolve_device
     from bench.threads import env_threads
     check_executor_flags(args)
     for name in ("BENCH_NUM_THREADS", "BENCH_FORWARD_THREADS"):
@@ -50,7 +50,7 @@ def check_executor_flags(args) -> None:
 
 def parse_jobs(value: str, specs) -> int:
     """--jobs: a positive integer, or 'auto' (bench.sweep.auto_jobs)."""
-    from bench.sweep import auto_jobs
+    from bench.parallel import auto_jobs
     if str(value).strip().lower() == "auto":
         return auto_jobs(specs)
     try:

@@ -196,7 +196,7 @@ DAMAGED = [
      "bench: error: {sweep}/slurm_jobs.json: unreadable (JSONDecodeError): the record of submitted SLURM jobs is "
      "damaged; move it away to rebuild the status from the run directories"),
     ("collect-truncated-summary", "summary.json", '{"run_id": "kl_gr', "collect", 1,
-     "bench: skipped: {run}/summary.json: unreadable (JSONDecodeError)"),
+     "bench: skipped: {run}/summary.json: unreadable (JSONDecodeError: truncated or not JSON)"),
     ("collect-rank-text", "summary.json", json.dumps({"method": "kl_grpo", "rank": "abc", "status": "ok"}),
      "collect", 1, "bench: skipped: {run}/summary.json: not a run summary (rank 'abc' is not a positive integer or "
      "'full')"),

@@ -199,13 +199,13 @@ def test_stop_request_saves_at_a_generation_boundary_and_resumes_identically(tmp
 
     def request_stop_at_step_3(self, args, state, control, **kw):
         if state.global_step == 3:
-            runner.STOP_REQUESTED.set()
+            runner.request_stop()
         return original(self, args, state, control, **kw)
     monkeypatch.setattr(runner.MetricsCallback, "on_step_end", request_stop_at_step_3)
     try:
         s = run_one(spec, tmp_path / "cut", progress=False)
     finally:
-        runner.STOP_REQUESTED.clear()
+        runner.clear_stop_request()
     assert s["status"] == "preempted" and "step 4" in s["error"], s
     assert (tmp_path / "cut" / "checkpoints" / "checkpoint-4").is_dir()
     monkeypatch.setattr(runner.MetricsCallback, "on_step_end", original)
