@@ -11,7 +11,7 @@ from bench.errors import BenchError
 
 DEFAULTS = {"methods": "all", "ranks": "4,16,64", "seeds": "0", "task": "synth-gsm", "model": "tiny",
             "data": None, "out": None, "steps": None, "lr": None, "alpha": None, "eval_size": None,
-            "device": "auto", "task_param": [], "set": [], "method_param": [], "final_eval": None}
+            "device": "auto", "task_param": [], "set": [], "method_param": [], "final_eval": None, "report_to": None}
 RUN_KEYS = set(DEFAULTS) | {"config", "no_progress", "preset"}
 PARAM_OPTIONS = {"task_param": "--task-param", "set": "--set", "method_param": "--method-param"}
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -89,7 +89,7 @@ def load_config_file(path, what: str = "--config") -> dict:
         if name not in DEFAULTS:
             raise BenchError(f"{what} {path}: unknown key {key!r}; valid: "
                              f"{', '.join(k.replace('_', '-') for k in DEFAULTS)}")
-        if name in ("methods", "ranks", "seeds") and isinstance(value, list):
+        if name in ("methods", "ranks", "seeds", "report_to") and isinstance(value, list):
             if not all(_is_scalar(v) for v in value):
                 raise BenchError(f"{what} {path}: {key} must be a list of single values, got {value!r}")
             value = ",".join(str(v) for v in value)
@@ -298,6 +298,8 @@ def cmd_run(args) -> int:
         for device in sorted({s.device for s in specs}):
             check_device_available(device)
     check_out_writable(out)
+    from bench.trackers import make_tracking
+    tracking = make_tracking(options["report_to"], out)  # a tracker that cannot start stops here, before any run
     from bench.models import check_weights, resolve_model_path
     resolve_model_path(options["model"], progress=not args.no_progress)  # builds `tiny` once, before any run
     check_weights(options["model"])
@@ -307,8 +309,8 @@ def cmd_run(args) -> int:
         raise BenchError("generation_backend vllm needs a CUDA device (--device cuda or auto on a GPU machine)")
     check_existing_runs(specs, out)
     if args.executor == "slurm":
-        return submit_to_slurm(args, specs, out)
-    df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
+        return submit_to_slurm(args, specs, out, tracking)
+    df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs), tracking=tracking)
     held = df.attrs.get("held", [])
     if not df.empty:
         df = df[~df.run_id.isin(held)]  # another process is running these: their summary.json is not final
@@ -337,7 +339,7 @@ def parse_jobs(value: str, specs) -> int:
 SLURM_FLAGS = ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "array_parallelism")
 
 
-def submit_to_slurm(args, specs, out: Path) -> int:
+def submit_to_slurm(args, specs, out: Path, tracking=None) -> int:
     """The grid (minus finished, pending and running runs) as one SLURM job array."""
     import shutil
 
@@ -363,7 +365,7 @@ def submit_to_slurm(args, specs, out: Path) -> int:
     if not todo:
         print(f"nothing to submit: all {len(specs)} runs in {out} are finished, pending or running")
         return 0
-    record = slurm.submit(todo, out, profile)
+    record = slurm.submit(todo, out, profile, tracking)
     array = record["arrays"][-1]["array_id"]
     print(f"submitted SLURM array {array}: {len(todo)} run(s) of {len(specs)} into {out}")
     if not args.wait:
@@ -600,6 +602,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--final-eval", dest="final_eval", choices=["none", "lm-eval"],
                    help="lm-eval: also evaluate each trained policy with lm-eval (into summary.json)")
+    s.add_argument("--report-to", dest="report_to", metavar="TRACKERS",
+                   help="experiment trackers, comma list: tensorboard, trackio, wandb, mlflow (default none; "
+                        "pip install -e \".[trackers]\")")
     s.add_argument("--executor", default="local", help="local (this machine, default) or slurm (one job array)")
     s.add_argument("--jobs", default="auto",
                    help="local: runs at a time, each in a worker process; 'auto' (default): one per core on CPU "

@@ -115,6 +115,7 @@ class MetricsCallback(TrainerCallback):
         self.path, self.probe, self.reference, self.tokenizer = path, probe, reference, tokenizer
         self.spec, self.rows, self.bar = spec, rows, bar
         self.trainer = None
+        self.report = None  # where rows also go: an experiment tracker session (bench.trackers.Session.report)
         self.pending: dict | None = None
         self.last_reward = float("nan")
         self.stopped_at: int | None = None
@@ -131,6 +132,8 @@ class MetricsCallback(TrainerCallback):
             # before any update: no step has happened and no rollout exists yet
             self.rows.append({"step": 0, **m, "entropy": m["entropy_probe"], "kl_step": None, "reward": None})
             atomic_write_jsonl(self.path, self.rows)
+            if self.report is not None:
+                self.report(self.rows[-1], args, state, control, model=model)
             self.last = self._snapshot()
 
     def on_step_end(self, args, state, control, model=None, **kw):
@@ -168,6 +171,8 @@ class MetricsCallback(TrainerCallback):
                 row[name] = float(logs[key])
         self.rows.append(row)
         atomic_write_jsonl(self.path, self.rows)
+        if self.report is not None:
+            self.report(row, args, state, control, model=kw.get("model"))
         if self.bar is not None:
             self.bar.update(1)
             if "reward" in row:
@@ -316,11 +321,13 @@ def check_run_dir(spec: RunSpec, run_dir: Path) -> dict | None:
     return None
 
 
-def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None) -> dict:
+def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None,
+            tracking=None) -> dict:
     """Run (or skip, or resume) one run; always leaves a summary.json with its status. A run that another process
     is running (it holds the run directory's lock, bench.runlock) is left to it: the returned status is `held`,
     and nothing in the directory is touched.
-    bar: an object with tqdm's update/set_postfix/close to report steps to instead of a bar of its own."""
+    bar: an object with tqdm's update/set_postfix/close to report steps to instead of a bar of its own.
+    tracking: experiment trackers to report to (bench.trackers.Tracking; None: none)."""
     run_dir = Path(run_dir)
     if (finished := check_run_dir(spec, run_dir)) is not None:
         return finished
@@ -330,13 +337,13 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
             if (finished := check_run_dir(spec, run_dir)) is not None:
                 return finished
             with torch_threads(run_threads(spec)):  # before config.json records the thread count
-                return _run_one(spec, run_dir, progress, position, bar)
+                return _run_one(spec, run_dir, progress, position, bar, tracking)
     except RunHeld as held:
         return {"run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed,
                 "status": "held", "error": f"being run by another process ({held.holder}); left to it"}
 
 
-def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -> dict:
+def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar, tracking=None) -> dict:
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
     from methods import get_method
     method = get_method(spec.method)
@@ -354,7 +361,7 @@ def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -
     t0 = time.perf_counter()
     summary = {"run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed}
     try:
-        summary.update(_train(spec, method, run_dir, progress, position, bar))
+        summary.update(_train(spec, method, run_dir, progress, position, bar, tracking))
         summary["status"] = "ok"
         if spec.final_eval == "lm-eval":
             from bench.evaluate import evaluate_run
@@ -407,16 +414,16 @@ def _aggregate(rows: list[dict]) -> dict:
     return out
 
 
-def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, bar=None) -> dict:
+def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, bar=None, tracking=None) -> dict:
     device = resolve_device(spec.device)
     with PeakMemory(device) as memory:
-        out = _train_measured(spec, method, run_dir, progress, position, device, bar)
+        out = _train_measured(spec, method, run_dir, progress, position, device, bar, tracking)
     out["peak_mem_mb"] = memory.mb
     return out
 
 
 def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, device: str,
-                    bar=None) -> dict:
+                    bar=None, tracking=None) -> dict:
     from datasets import Dataset
     from tqdm.auto import tqdm
 
@@ -425,6 +432,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     from bench.metrics import InitialPolicy, ProbeSet
     from bench.models import load_policy, uses_chat_template
     from bench.policy import InitKLToBase, build_policy, trainable_parameters, trained_set
+    from bench.trackers import Session
     from tasks import chat_prompt, get_task, plain_prompt
 
     t_setup = time.perf_counter()
@@ -477,10 +485,14 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     probe = ProbeSet([to_prompt(e.question) for e in probe_examples], spec.max_completion_length, seed=spec.seed,
                      temperature=spec.temperature)
     callback = MetricsCallback(metrics_path, probe, reference, tokenizer, spec, rows, bar)
+    trackers = Session(tracking, spec.run_id, run_dir)
     trainer = make_trainer(spec, method, params, policy, tokenizer, dataset, str(run_dir / "checkpoints"),
                            chat=to_prompt is chat_prompt, device=device, callbacks=[callback],
-                           log_path=run_dir / "run.log", forward_threads=fwd_threads)
+                           log_path=run_dir / "run.log", forward_threads=fwd_threads,
+                           report=trackers.grpo_settings())
     callback.trainer = trainer
+    trackers.attach(trainer, callback)
+    trained = False
     setup_seconds = time.perf_counter() - t_setup - init_seconds - eval_seconds
     try:
         if done_steps >= spec.steps:
@@ -490,8 +502,10 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
             trainer._load_from_checkpoint(str(checkpoint))  # transformers' own loader (pinned 5.24)
         else:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trained = True
     finally:
         bar.close()
+        trackers.close(ok=trained)
     if callback.stopped_at is not None and callback.stopped_at < spec.steps:
         raise Preempted(f"stopped at step {callback.stopped_at} on request; checkpoint saved, re-run to resume")
     t_eval = time.perf_counter()

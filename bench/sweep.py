@@ -45,10 +45,11 @@ def check_writable(out: Path) -> None:
         raise BenchError(f"output directory {out} is not writable: {e.strerror or e}") from None
 
 
-def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
+def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1, tracking=None) -> pd.DataFrame:
     """Run the grid: in this process (jobs 1) or in `jobs` worker processes of cpu_count // jobs threads (a run
     may pin fewer: runner.run_threads). Runs that another process is running (another invocation on the same
-    --out) are left to it, said on stderr, and listed in the returned table's attrs["held"]."""
+    --out) are left to it, said on stderr, and listed in the returned table's attrs["held"]. tracking: experiment
+    trackers (bench.trackers.Tracking)."""
     from tqdm.auto import tqdm
 
     check_writable(out)
@@ -59,13 +60,13 @@ def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int 
             held.append(spec.run_id)
             tqdm.write(f"{spec.run_id}: {summary['error']}", file=sys.stderr)
     if jobs > 1 and len(specs) > 1:
-        _run_parallel(specs, out, progress, min(jobs, len(specs)), finished)
+        _run_parallel(specs, out, progress, min(jobs, len(specs)), finished, tracking)
     else:
         from bench.runner import run_one
         bar = tqdm(specs, desc="runs", position=0, disable=not progress)
         for spec in bar:
             bar.set_postfix_str(spec.run_id)
-            finished(spec, run_one(spec, out / spec.run_id, progress=progress, position=1))
+            finished(spec, run_one(spec, out / spec.run_id, progress=progress, position=1, tracking=tracking))
             collect(out)
     df = collect(out)
     df.attrs["held"] = held
@@ -158,13 +159,13 @@ class _QueueBar:
         pass
 
 
-def _run_in_worker(spec_dict: dict, run_dir: str) -> dict:
+def _run_in_worker(spec_dict: dict, run_dir: str, tracking=None) -> dict:
     from bench.runner import run_one
-    summary = run_one(RunSpec.from_dict(spec_dict), Path(run_dir), progress=False, bar=_QueueBar())
+    summary = run_one(RunSpec.from_dict(spec_dict), Path(run_dir), progress=False, bar=_QueueBar(), tracking=tracking)
     return {"status": summary.get("status"), "error": summary.get("error")}
 
 
-def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, finished) -> None:
+def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, finished, tracking=None) -> None:
     """Runs in `jobs` spawned worker processes (fresh interpreters, each reused for several runs). A worker that
     dies (e.g. killed for memory) breaks the pool: the runs then underway are retried one at a time, so that the
     one that kills its worker again is recorded failed and the sweep goes on."""
@@ -192,14 +193,14 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
     try:
         todo, cut = list(specs), {}
         while todo:
-            broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done)
+            broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done, tracking)
             for s in broken:
                 cut[s.run_id] = cut.get(s.run_id, 0) + 1
             # suspects: runs underway when the worker died, and any run cut off twice (a death before it started)
             suspects = [s for s in broken if (out / s.run_id / "config.json").is_file() or cut[s.run_id] >= 2]
             todo = [s for s in broken if s not in suspects]
             for spec in suspects:  # alone in a pool of one: a second death is this run's own
-                if _pool_run([spec], out, ctx, 1, threads, steps_queue, done):
+                if _pool_run([spec], out, ctx, 1, threads, steps_queue, done, tracking):
                     done(spec, _record_crash(spec, out))
     finally:
         steps_queue.put(None)
@@ -208,7 +209,7 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
         runs_bar.close()
 
 
-def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done) -> list[RunSpec]:
+def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done, tracking=None) -> list[RunSpec]:
     """Run specs in a pool of `jobs` workers; returns those cut off by a worker's death (pool broken)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -217,7 +218,7 @@ def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                initargs=(threads, steps_queue))
     try:
-        futures = {pool.submit(_run_in_worker, s.to_dict(), str(out / s.run_id)): s for s in specs}
+        futures = {pool.submit(_run_in_worker, s.to_dict(), str(out / s.run_id), tracking): s for s in specs}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
