@@ -432,6 +432,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     from bench.metrics import InitialPolicy, ProbeSet
     from bench.models import load_policy, uses_chat_template
     from bench.policy import InitKLToBase, build_policy, trainable_parameters, trained_set
+    from bench.devices import run_device
     from bench.trackers import Session
     from tasks import chat_prompt, get_task, plain_prompt
 
@@ -523,7 +524,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         "eval_n": base["n"], "eval_seconds": round(eval_seconds, 3), "init_seconds": round(init_seconds, 4),
         "setup_seconds": round(setup_seconds, 3), "forward_threads": fwd_threads or torch.get_num_threads(),
         "trainable_params": trainable_parameters(policy), "trained_set": trained_set(policy), **init_kl,
-        "device": device, "resumed_from": checkpoint.name if checkpoint else None,
+        "device": device, **run_device(device), "resumed_from": checkpoint.name if checkpoint else None,
     })
     out.update(trainer.method_summary)
     return out

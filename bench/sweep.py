@@ -104,8 +104,11 @@ def default_threads(specs: list[RunSpec]) -> int | None:
 
 
 def auto_jobs(specs: list[RunSpec]) -> int:
-    """--jobs auto: on CPU with a model under 50M parameters, one run per core (at most one per 2 GiB of available
-    memory); otherwise (GPU, larger models) one run at a time."""
+    """--jobs auto: on a CUDA machine, one run per visible GPU (bench.devices); on CPU with a model under 50M
+    parameters, one run per core (at most one per 2 GiB of available memory); otherwise one run at a time."""
+    from bench.devices import local_gpus
+    if gpus := local_gpus(specs):
+        return max(1, min(len(gpus), len(specs)))
     if not small_model_on_cpu(specs):
         return 1
     try:
@@ -134,9 +137,11 @@ def _parameter_count(config) -> int:
 _STEPS = None  # in a worker: the queue its runs report finished steps to
 
 
-def _worker_init(threads: int, steps_queue) -> None:
+def _worker_init(threads: int, steps_queue, gpu_queue=None) -> None:
     import warnings
 
+    from bench.devices import pin_worker
+    pin_worker(gpu_queue)  # this worker's GPU (bench.devices), before anything here initializes CUDA
     import torch
     global _STEPS
     warnings.filterwarnings("ignore", category=FutureWarning)  # as bench.cli.main: transformers 5.x notices, per run
@@ -177,6 +182,8 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
     ctx = mp.get_context("spawn")
     steps_queue = ctx.Queue()
     threads = max(1, cpu_count() // jobs)
+    from bench.devices import local_gpus
+    gpus = local_gpus(specs)  # [] on CPU: workers are not pinned
     runs_bar = tqdm(total=len(specs), desc=f"runs ({jobs} at a time)", position=0, disable=not progress)
     steps_bar = tqdm(total=sum(s.steps for s in specs), desc="steps", position=1, disable=not progress)
 
@@ -193,14 +200,14 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
     try:
         todo, cut = list(specs), {}
         while todo:
-            broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done, tracking)
+            broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done, tracking, gpus)
             for s in broken:
                 cut[s.run_id] = cut.get(s.run_id, 0) + 1
             # suspects: runs underway when the worker died, and any run cut off twice (a death before it started)
             suspects = [s for s in broken if (out / s.run_id / "config.json").is_file() or cut[s.run_id] >= 2]
             todo = [s for s in broken if s not in suspects]
             for spec in suspects:  # alone in a pool of one: a second death is this run's own
-                if _pool_run([spec], out, ctx, 1, threads, steps_queue, done, tracking):
+                if _pool_run([spec], out, ctx, 1, threads, steps_queue, done, tracking, gpus):
                     done(spec, _record_crash(spec, out))
     finally:
         steps_queue.put(None)
@@ -209,14 +216,22 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
         runs_bar.close()
 
 
-def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done, tracking=None) -> list[RunSpec]:
-    """Run specs in a pool of `jobs` workers; returns those cut off by a worker's death (pool broken)."""
+def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done, tracking=None,
+              gpus: list[str] | None = None) -> list[RunSpec]:
+    """Run specs in a pool of `jobs` workers, worker i pinned to GPU i where `gpus` are given (round-robin past
+    their number); returns the specs cut off by a worker's death (pool broken)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     broken = []
+    gpu_queue = None
+    if gpus:
+        from bench.devices import worker_gpus
+        gpu_queue = ctx.Queue()  # one entry per worker: each takes its own as it starts (a pool starts `jobs` at most)
+        for gpu in worker_gpus(gpus, jobs):
+            gpu_queue.put(gpu)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                               initargs=(threads, steps_queue))
+                               initargs=(threads, steps_queue, gpu_queue))
     try:
         futures = {pool.submit(_run_in_worker, s.to_dict(), str(out / s.run_id), tracking): s for s in specs}
         pending = set(futures)
