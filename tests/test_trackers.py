@@ -37,6 +37,13 @@ def test_report_to_parsing():
     assert project_name("/x/synth-gsm tiny:#1/") == "synth-gsm-tiny-1"
 
 
+def test_report_to_from_a_config_file(tmp_path):
+    from bench.cli import load_config_file
+    (tmp_path / "sweep.yaml").write_text("report-to: [tensorboard, trackio]\n")
+    options = load_config_file(tmp_path / "sweep.yaml")
+    assert parse_report_to(options["report_to"]) == ("tensorboard", "trackio")
+
+
 def _refused(tmp_path, capsys, *flags):
     out = tmp_path / "sweep"
     code = main([*RUN_FLAGS, "--out", str(out), *flags])
