@@ -165,7 +165,8 @@ class Session:
         if not self.config_sent:
             self._send_config()
         logs = {f"{HARNESS_PREFIX}{k}": float(v) for k, v in row.items()
-                if k != "step" and k not in self.skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+                if k != "step" and k not in self.skip and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v)}
         for cb in self.callbacks:
             cb.on_log(args, state, control, model=model, logs=dict(logs))
 

@@ -91,6 +91,30 @@ def test_session_sets_tracker_environment_for_the_run_only(tmp_path, monkeypatch
     assert Session(None, "r", tmp_path).grpo_settings() == {}  # no tracker: TRL's report_to stays "none"
 
 
+def test_a_failed_run_ends_its_tracker_runs(tmp_path, monkeypatch):
+    """close() ends what the integrations leave open when train() raises, so that the next run of an in-process
+    sweep starts its own tracker run instead of writing into this one."""
+    names = tuple(n for n in ("wandb", "trackio") if _installed(n))
+    if not names:
+        pytest.skip("neither wandb nor trackio is installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    session = Session(Tracking(names, "sweep-f"), "run_f", tmp_path / "run_f")
+    (tmp_path / "run_f").mkdir()
+    if "wandb" in names:
+        import wandb
+        wandb.init(name="run_f")  # as WandbCallback.setup does, with the environment the session set
+    if "trackio" in names:
+        import trackio
+        trackio.init(project="sweep-f", name="run_f")
+    session.close(ok=False)
+    if "wandb" in names:
+        assert wandb.run is None
+        assert list((tmp_path / "run_f" / "wandb").glob("offline-run-*"))  # WANDB_DIR: the run directory
+    if "trackio" in names:
+        assert trackio.context_vars.current_run.get() is None
+
+
 # ---- one run reporting to every installed tracker, next to the same run without any ----------------------------
 
 def _trackers_here():
@@ -131,8 +155,9 @@ def _harness_values(run_dir):
 
 @pytest.mark.slow
 def test_metrics_with_trackers_are_those_without(runs):
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(runs["dir"] / "metrics.jsonl")) == strip(read_jsonl(runs["plain_dir"] / "metrics.jsonl"))
+    def strip(run_dir):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert strip(runs["dir"]) == strip(runs["plain_dir"])
     a, b = read_json(runs["dir"] / "summary.json"), read_json(runs["plain_dir"] / "summary.json")
     assert a["accuracy"] == b["accuracy"] and a["kl_ref"] == b["kl_ref"]
 
