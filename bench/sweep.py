@@ -216,22 +216,29 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
         runs_bar.close()
 
 
-def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done, tracking=None,
-              gpus: list[str] | None = None) -> list[RunSpec]:
-    """Run specs in a pool of `jobs` workers, worker i pinned to GPU i where `gpus` are given (round-robin past
-    their number); returns the specs cut off by a worker's death (pool broken)."""
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    broken = []
+def worker_pool(ctx, jobs: int, threads: int, steps_queue, gpus: list[str] | None = None):
+    """A pool of `jobs` spawned workers of `threads` torch threads each, worker i pinned to GPU i where `gpus` are
+    given (bench.devices: round-robin past their number)."""
+    from concurrent.futures import ProcessPoolExecutor
     gpu_queue = None
     if gpus:
         from bench.devices import worker_gpus
         gpu_queue = ctx.Queue()  # one entry per worker: each takes its own as it starts (a pool starts `jobs` at most)
         for gpu in worker_gpus(gpus, jobs):
             gpu_queue.put(gpu)
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                initargs=(threads, steps_queue, gpu_queue))
+
+
+def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done, tracking=None,
+              gpus: list[str] | None = None) -> list[RunSpec]:
+    """Run specs in a pool of `jobs` workers (worker_pool); returns the specs cut off by a worker's death (pool
+    broken)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    broken = []
+    pool = worker_pool(ctx, jobs, threads, steps_queue, gpus)
     try:
         futures = {pool.submit(_run_in_worker, s.to_dict(), str(out / s.run_id), tracking): s for s in specs}
         pending = set(futures)

@@ -1,7 +1,6 @@
 """One GPU per local worker (bench.devices, bench.sweep): checked on CPU through the environment each worker gets."""
 import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -52,13 +51,9 @@ def _slow_environment():
 
 
 def test_each_spawned_worker_sees_only_its_own_gpu():
-    """The sweep's own worker initializer, in spawned processes: worker i gets CUDA_VISIBLE_DEVICES = GPU i."""
+    """The sweep's own worker pool, spawned processes: worker i gets CUDA_VISIBLE_DEVICES = GPU i."""
     ctx = mp.get_context("spawn")
-    steps, gpus = ctx.Queue(), ctx.Queue()
-    for gpu in devices.worker_gpus(["3", "5"], 2):
-        gpus.put(gpu)
-    with ProcessPoolExecutor(max_workers=2, mp_context=ctx, initializer=sweep._worker_init,
-                             initargs=(1, steps, gpus)) as pool:
+    with sweep.worker_pool(ctx, 2, 1, ctx.Queue(), gpus=["3", "5"]) as pool:
         seen = [f.result() for f in [pool.submit(_slow_environment) for _ in range(4)]]
     by_pid = {}
     for env in seen:
@@ -69,8 +64,7 @@ def test_each_spawned_worker_sees_only_its_own_gpu():
 def test_unpinned_workers_keep_the_parent_environment(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=sweep._worker_init,
-                             initargs=(1, ctx.Queue())) as pool:
+    with sweep.worker_pool(ctx, 1, 1, ctx.Queue(), gpus=[]) as pool:
         assert pool.submit(devices.worker_environment).result()["CUDA_VISIBLE_DEVICES"] == "7"
 
 
