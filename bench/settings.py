@@ -74,6 +74,9 @@ class SweepOptions:
                                      "(repeatable)", kind="params", spec="method_params")
     final_eval: str | None = setting(None, "lm-eval: also evaluate each trained policy with lm-eval (into "
                                            "summary.json)", choices=("none", "lm-eval"), spec="final_eval")
+    report_to: str | None = setting(None, "experiment trackers, comma list: tensorboard, trackio, wandb, mlflow (default "
+                                          "none; pip install -e \".[trackers]\"); not part of a run's identity",
+                                    kind="list", metavar="TRACKERS")
 
 
 @dataclass
@@ -83,7 +86,8 @@ class LaunchOptions:
     preset: str | None = setting(None, "a shipped preset (bench list); --config and flags override it")
     no_progress: bool = setting(False, "no progress bars", kind="switch")
     executor: str = setting("local", "local (this machine) or slurm (one job array)")
-    jobs: str = setting("auto", "local: runs at a time, each in a worker process; 'auto': one per core on CPU for "
+    jobs: str = setting("auto", "local: runs at a time, each in a worker process; 'auto': one per visible GPU on a CUDA "
+                                "machine (each worker pinned to its own), one per core on CPU for "
                                 "models under 50M parameters (one torch thread each), else 1")
 
 
