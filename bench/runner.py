@@ -396,10 +396,8 @@ def train(spec: RunSpec, trainer, callback, checkpoint: Path | None, done_steps:
             trainer._load_from_checkpoint(str(checkpoint))  # transformers' own loader (pinned 5.24)
         else:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        trained = True
     finally:
         bar.close()
-        trackers.close(ok=trained)
     if callback.stopped_at is not None and callback.stopped_at < spec.steps:
         raise Preempted(f"stopped at step {callback.stopped_at} on request; checkpoint saved, re-run to resume")
 
@@ -464,6 +462,9 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
     try:
         train(spec, trainer, callback, checkpoint, done_steps, bar)
         trained = True
+    except Preempted:  # trained up to a checkpoint: the tracker run ends cleanly, the resumed run continues it
+        trained = True
+        raise
     finally:
         trackers.close(ok=trained)
 
