@@ -13,10 +13,10 @@ import base64
 import html
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
+import markdown
 import pandas as pd
 
 from bench import claims as claims_registry
@@ -148,35 +148,20 @@ def paired_items_markdown(sweep: Sweep, baseline: str) -> str:
 
 # ---- report ----------------------------------------------------------------------------------------------------
 
-def _md_table_to_html(md: str) -> str:
-    """Our markdown (headings, paragraphs, pipe tables, **bold**) as HTML."""
-    out, table = [], []
-
-    def flush():
-        if table:
-            head, *body = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
-            cells = lambda r: [c.strip() for c in r.strip().strip("|").split("|")]  # noqa: E731
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells(head)) +
-                       "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells(r))
-                                                        + "</tr>" for r in body) + "</tbody></table>")
-            table.clear()
+def _md_to_html(md: str) -> str:
+    """Our markdown (headings, paragraphs, pipe tables, **bold**) as HTML, through Python-Markdown and its `tables`
+    extension (https://python-markdown.github.io/extensions/tables/). The text is HTML-escaped first (cells hold
+    text such as `<run_id>`, never markup); `# ` titles are dropped (the page has its own); a table gets the blank
+    line before it that the extension needs."""
+    lines, previous = [], ""
     for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
+        if line.startswith("# "):
             continue
-        flush()
-        if line.startswith("## "):
-            out.append(f"<h2>{_inline(line[3:])}</h2>")
-        elif line.startswith("# "):
-            continue
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    flush()
-    return "\n".join(out)
-
-
-def _inline(text: str) -> str:
-    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+        if line.startswith("|") and previous.strip() and not previous.startswith("|"):
+            lines.append("")
+        lines.append(line)
+        previous = line
+    return markdown.markdown(html.escape("\n".join(lines), quote=False), extensions=["tables"])
 
 
 def report_html(title: str, tables_md: str, claims_md: str, images: dict[str, tuple[bytes, str]], config: dict,
@@ -199,10 +184,10 @@ table{{border-collapse:collapse;margin:0.5em 0 1.5em}}th,td{{border:1px solid #c
 th{{background:#f3f3f3}}figure{{margin:1em 0}}img{{max-width:100%}}figcaption{{font-size:13px;color:#555}}
 pre{{background:#f7f7f7;padding:1em;font-size:12px;overflow-x:auto}}</style>{check}</head>
 <body><h1>{html.escape(title)}</h1>
-{_md_table_to_html(claims_md)}
+{_md_to_html(claims_md)}
 <h2>Plots</h2>
 {figs}
-{_md_table_to_html(tables_md)}
+{_md_to_html(tables_md)}
 {skipped}
 <h2>Run configuration</h2>
 <pre>{html.escape(json.dumps(config, indent=1, sort_keys=True, default=str))}</pre>
