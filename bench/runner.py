@@ -109,7 +109,9 @@ class MetricsCallback(TrainerCallback):
     PHASES = ("generation", "reference", "policy", "metrics")
     TRL_KEYS = {"reward": "reward", "reward_std": "reward_std", "loss": "loss", "grad_norm": "grad_norm",
                 "kl": "kl_trl", "entropy": "entropy_trl", "clip_ratio/region_mean": "clip_ratio",
-                "completions/mean_length": "completion_length", "frac_reward_zero_std": "frac_reward_zero_std"}
+                "completions/mean_length": "completion_length", "frac_reward_zero_std": "frac_reward_zero_std",
+                # completions that hit the budget without EOS (TRL: the last token is neither EOS nor padding)
+                "completions/clipped_ratio": "frac_truncated"}
 
     def __init__(self, path: Path, probe, reference, tokenizer, spec: RunSpec, rows: list, bar=None):
         self.path, self.probe, self.reference, self.tokenizer = path, probe, reference, tokenizer
@@ -118,6 +120,11 @@ class MetricsCallback(TrainerCallback):
         self.pending: dict | None = None
         self.last_reward = float("nan")
         self.stopped_at: int | None = None
+        from bench.health import RunHealth
+        self.health = RunHealth(spec.run_id, spec.max_completion_length)
+        for row in rows:  # a resumed run: its earlier steps were already judged (and warned about)
+            self.health.check(row)
+        self.warnings: list[str] = []
 
     def _snapshot(self):
         return {k: self.trainer.phase_seconds[k] for k in self.PHASES}, self.trainer.generated_tokens, \
@@ -159,6 +166,16 @@ class MetricsCallback(TrainerCallback):
         self.last = (phases, tokens, now)
         self.pending = row
 
+    def warn(self, message: str) -> None:
+        """One line on stderr (above the progress bars) and in run.log; kept for summary.json."""
+        import sys
+
+        from tqdm.auto import tqdm
+        self.warnings.append(message)
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+        with open(self.path.parent / "run.log", "a") as f:
+            f.write(f"warning: {message}\n")
+
     def on_log(self, args, state, control, logs=None, **kw):
         if self.pending is None or logs is None or "loss" not in logs:
             return
@@ -168,6 +185,8 @@ class MetricsCallback(TrainerCallback):
                 row[name] = float(logs[key])
         self.rows.append(row)
         atomic_write_jsonl(self.path, self.rows)
+        for message in self.health.check(row):
+            self.warn(message)
         if self.bar is not None:
             self.bar.update(1)
             if "reward" in row:
@@ -398,6 +417,7 @@ def _aggregate(rows: list[dict]) -> dict:
         "entropy": last.get("entropy_probe"), "entropy_base": rows[0].get("entropy_probe") if rows else None,
         "entropy_rollout": _mean(r.get("entropy") for r in steps[-tail:]),
         "reward": _mean(rewards[-tail:]), "reward_first": _mean(rewards[:tail]),
+        "frac_truncated": _mean(r.get("frac_truncated") for r in steps),
     }
     for phase in ("generation", "reference", "policy", "other", "metrics"):
         out[f"time_{phase}_s"] = round(sum(r.get(f"time_{phase}", 0.0) for r in steps), 3)
@@ -512,4 +532,6 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         "device": device, "resumed_from": checkpoint.name if checkpoint else None,
     })
     out.update(trainer.method_summary)
+    if callback.warnings:
+        out["warnings"] = callback.warnings
     return out

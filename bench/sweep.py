@@ -16,12 +16,13 @@ from bench.spec import RunSpec
 # summary.csv columns, in order (documented in README, "Output files")
 SUMMARY_COLUMNS = ["run_id", "method", "rank", "seed", "status", "accuracy_base", "accuracy", "accuracy_gain",
                    "kl_ref", "kl_ref_k3", "kl_step", "kl_step_max", "entropy", "entropy_base", "entropy_rollout",
-                   "reward", "reward_first", "wall_clock_s", "time_generation_s", "time_reference_s",
+                   "reward", "reward_first", "frac_truncated", "wall_clock_s", "time_generation_s", "time_reference_s",
                    "time_policy_s", "time_other_s", "time_metrics_s", "tokens_per_s", "peak_mem_mb",
                    "trainable_params", "trained_set", "init_kl_to_base", "steps_done", "run_seconds", "error"]
 TABLES = [("kl_ref", "KL to the initial policy (kl_ref, final, exact, probe set)", "{:.2e}"),
           ("kl_step", "Per-step KL (kl_step, mean over steps)", "{:.2e}"),
           ("entropy", "Entropy on the probe set (final)", "{:.3f}"),
+          ("frac_truncated", "Completions cut at the budget without EOS (frac_truncated, mean over steps)", "{:.2f}"),
           ("accuracy", "Greedy eval accuracy after training (strict match)", "{:.3f}"),
           ("accuracy_gain", "Accuracy gain over the base policy", "{:+.3f}"),
           ("wall_clock_s", "Training wall-clock, seconds (metrics excluded)", "{:.1f}")]
