@@ -132,7 +132,9 @@ def resolve_run_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def build_specs(options: dict):
+def build_specs(options: dict, derived: dict | None = None):
+    """The sweep's RunSpecs. derived: a dict to receive the settings chosen for the task and model
+    (bench.defaults.task_defaults: name -> Derived), for the start-of-run printout."""
     from bench.spec import RunSpec, parse_rank
     from bench.sweep import grid
     from methods import method_names
@@ -165,6 +167,11 @@ def build_specs(options: dict):
     if unknown:
         raise BenchError(f"unknown --set key(s) {', '.join(unknown)}; valid: {', '.join(sorted(settable))}")
     common.update(overrides)
+    from bench.defaults import task_defaults
+    chosen = task_defaults(task, str(options["model"]), set(overrides))  # e.g. gsm8k's budget in this tokenizer
+    common.update({name: d.value for name, d in chosen.items()})
+    if derived is not None:
+        derived.update(chosen)
     if "grpo" in overrides and overrides["grpo"] is None:
         common["grpo"] = {}
     if options["final_eval"]:
@@ -287,7 +294,8 @@ def check_existing_runs(specs, out: Path) -> None:
 def cmd_run(args) -> int:
     from bench.sweep import run_sweep
     options = resolve_run_options(args)
-    specs = build_specs(options)
+    derived = {}
+    specs = build_specs(options, derived)
     check_executor_flags(args)
     from bench.threads import env_threads
     for name in ("BENCH_NUM_THREADS", "BENCH_FORWARD_THREADS"):
@@ -306,6 +314,9 @@ def cmd_run(args) -> int:
     if any(s.generation_backend == "vllm" and resolve_device(s.device) != "cuda" for s in specs):
         raise BenchError("generation_backend vllm needs a CUDA device (--device cuda or auto on a GPU machine)")
     check_existing_runs(specs, out)
+    from bench.defaults import baseline, settings_lines
+    preset = load_config_file(preset_path(args.preset), "preset") if args.preset else None
+    print("\n".join(settings_lines(specs, baseline(preset), derived, verbose=args.verbose)), flush=True)
     if args.executor == "slurm":
         return submit_to_slurm(args, specs, out)
     df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
@@ -598,6 +609,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML file with the same options (flags override)")
     s.add_argument("--preset", help="a shipped preset (bench list); --config and flags override it")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--verbose", action="store_true",
+                   help="print every setting of the runs at the start (default: those that differ from the defaults)")
+    s.add_argument("--yes", action="store_true",
+                   help="run even where the cost estimate says the sweep is beyond this device")
     s.add_argument("--final-eval", dest="final_eval", choices=["none", "lm-eval"],
                    help="lm-eval: also evaluate each trained policy with lm-eval (into summary.json)")
     s.add_argument("--executor", default="local", help="local (this machine, default) or slurm (one job array)")
