@@ -319,7 +319,9 @@ def cmd_run(args) -> int:
     print("\n".join(settings_lines(specs, baseline(preset), derived, verbose=args.verbose)), flush=True)
     if args.executor == "slurm":
         return submit_to_slurm(args, specs, out)
-    df = run_sweep(specs, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, specs))
+    jobs = parse_jobs(args.jobs, specs)
+    estimate_cost(specs, out, jobs, yes=args.yes)
+    df = run_sweep(specs, out, progress=not args.no_progress, jobs=jobs)
     held = df.attrs.get("held", [])
     if not df.empty:
         df = df[~df.run_id.isin(held)]  # another process is running these: their summary.json is not final
@@ -330,6 +332,18 @@ def cmd_run(args) -> int:
               f"re-run this command when it is done to collect them")
     print(f"tables: {out / 'tables.md'}  summary: {out / 'summary.csv'}")
     return 1 if counts.get("failed") else 0
+
+
+def estimate_cost(specs, out: Path, jobs: int, yes: bool) -> None:
+    """The cost of the runs not finished yet, printed; refused where beyond this device (bench.estimate) unless yes."""
+    from bench.estimate import check_feasible, estimate
+    from bench.runner import check_run_dir
+    todo = [s for s in specs if check_run_dir(s, out / s.run_id) is None]
+    if not todo:
+        return
+    est = estimate(todo, jobs, calibrate=True)
+    print("\n".join(est.lines()), flush=True)
+    check_feasible(est, yes)
 
 
 def parse_jobs(value: str, specs) -> int:

@@ -459,8 +459,11 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     params = method.resolve_params(spec.method_params)
     init_kl = InitKLToBase(model, method, spec.rank, params, tokenizer,  # SVD inits: pi_0 vs base (bf16 rounding)
                            [to_prompt(e.question) for e in probe_examples], spec.temperature)
+    from bench.progress import count_prompts, phase
+    at = dict(enabled=progress, position=position + 1)  # phase bars: below the run's step bar
     t_init = time.perf_counter()
-    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
+    with phase(f"{spec.run_id}: building the policy ({method.name} init)", **at):  # SVD inits take minutes on 8B
+        policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
     init_seconds = time.perf_counter() - t_init
     residual = spec.rank != "full" and method.modifies_base(params)  # base weights now hold W - s*B0*A0
     adapter_init_dir = run_dir / "adapter_init"
@@ -471,9 +474,11 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
     eval_ids = [e.id if e.id is not None else str(i) for i, e in enumerate(evals)]  # stable across runs: paired stats
     eval_tokens = spec.max_completion_length
-    fwd_threads = forward_threads(spec, policy, tokenizer, eval_prompts)
+    with phase(f"{spec.run_id}: checking forwards on several threads", **at):
+        fwd_threads = forward_threads(spec, policy, tokenizer, eval_prompts)
     t_eval = time.perf_counter()
-    with torch_threads(fwd_threads):
+    with torch_threads(fwd_threads), phase(f"{spec.run_id}: base eval", len(eval_prompts), "prompt", **at) as b, \
+            count_prompts(policy, b):
         base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch,
                                memo_dir=eval_memo_dir(), ids=eval_ids)  # shared by runs starting from these weights
     atomic_write_jsonl(run_dir / "eval_base.jsonl", base["items"])
@@ -495,11 +500,12 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     elif done_steps:
         bar.update(done_steps)
     probe = ProbeSet([to_prompt(e.question) for e in probe_examples], spec.max_completion_length, seed=spec.seed,
-                     temperature=spec.temperature)
+                     temperature=spec.temperature, progress=progress, position=position + 1)
     callback = MetricsCallback(metrics_path, probe, reference, tokenizer, spec, rows, bar)
     trainer = make_trainer(spec, method, params, policy, tokenizer, dataset, str(run_dir / "checkpoints"),
                            chat=to_prompt is chat_prompt, device=device, callbacks=[callback],
                            log_path=run_dir / "run.log", forward_threads=fwd_threads)
+    trainer.show_progress, trainer.progress_position = progress, position + 1
     callback.trainer = trainer
     setup_seconds = time.perf_counter() - t_setup - init_seconds - eval_seconds
     try:
@@ -515,12 +521,14 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     if callback.stopped_at is not None and callback.stopped_at < spec.steps:
         raise Preempted(f"stopped at step {callback.stopped_at} on request; checkpoint saved, re-run to resume")
     t_eval = time.perf_counter()
-    with torch_threads(fwd_threads):
+    with torch_threads(fwd_threads), phase(f"{spec.run_id}: final eval", len(eval_prompts), "prompt", **at) as b, \
+            count_prompts(policy, b):
         final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch,
                                 ids=eval_ids)
     atomic_write_jsonl(run_dir / "eval_final.jsonl", final["items"])
     eval_seconds += time.perf_counter() - t_eval
-    save_trained(policy, run_dir, residual)
+    with phase(f"{spec.run_id}: saving the trained {'adapter' if hasattr(policy, 'peft_config') else 'model'}", **at):
+        save_trained(policy, run_dir, residual)
     out = _aggregate(rows)
     out.update({
         "status": "ok", "accuracy_base": base["accuracy"], "accuracy": final["accuracy"],
