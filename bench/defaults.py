@@ -58,8 +58,8 @@ def completion_budget(task, tokenizer) -> Derived | None:
            f"{_quantile(lengths, 0.9)} (90th percentile), {longest} (longest) with EOS in this tokenizer; "
            f"the longest, rounded up to a multiple of {rule.multiple}")
     if value < fit:
-        longer = sum(n > value for n in lengths) / len(lengths)
-        why += f", capped at {rule.at_most} ({longer:.1%} of the solutions are longer)"
+        longer = sum(n > value for n in lengths)
+        why += f", capped at {rule.at_most} ({longer} of the {len(lengths)} solutions are longer)"
     return Derived(value, why)
 
 

@@ -170,7 +170,6 @@ def _calibrate(est: Estimate, spec, device: str, full: bool) -> None:
         forward_s = timed(lambda: model(input_ids=ids)) / CALIBRATION_ROWS
         decode_s, prefill_s = _decode_timing(model, vocab, gen_rows, prompt, device)
         eval_decode_s, eval_prefill_s = _decode_timing(model, vocab, spec.eval_batch, prompt, device)
-    del model
     method = get_method(spec.method)
     beta = method.resolved_beta(spec.method_params)
     per_step = est.completions_per_step * (train_s + forward_s * (0.5 + (1 if beta else 0)))  # old, reference log-probs
