@@ -10,6 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, dataclass, fields
 
+from transformers import AutoTokenizer
+
+from bench.models import _load_error, resolve_model_path, uses_chat_template
+from bench.spec import RunSpec
+
 
 @dataclass(frozen=True)
 class Derived:
@@ -20,9 +25,6 @@ class Derived:
 
 def load_tokenizer(model: str):
     """The run's tokenizer, without the weights (the embedded model is built on first use)."""
-    from transformers import AutoTokenizer
-
-    from bench.models import _load_error, resolve_model_path
     try:
         return AutoTokenizer.from_pretrained(resolve_model_path(model), padding_side="left")
     except (OSError, ValueError) as e:
@@ -43,7 +45,6 @@ def _quantile(sorted_values: list[int], q: float) -> int:
 
 def completion_budget(task, tokenizer) -> Derived | None:
     """The task's budget rule applied to this tokenizer; None where the task declares none."""
-    from bench.models import uses_chat_template
     rule = getattr(task, "budget", None)
     if rule is None:
         return None
@@ -78,7 +79,6 @@ GRID = ("method", "rank", "seed", "method_params")  # printed per sweep (the gri
 
 def spec_defaults() -> dict:
     """RunSpec's own defaults, by field."""
-    from bench.spec import RunSpec
     out = {}
     for f in fields(RunSpec):
         if f.default is not MISSING:

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.defaults import load_tokenizer
+from bench.device import resolve_device
 from bench.errors import BenchError
+from bench.generation import format_prompts
+from bench.models import load_policy, uses_chat_template
+from bench.parallel import _model_parameters, run_threads
+from bench.threads import torch_threads
+from methods import get_method
+from tasks import chat_prompt, get_task, plain_prompt
 
 MAX_RUN_HOURS = 24.0  # beyond a day per run even at the device's peak matmul rate: not a sweep for this device
 CALIBRATION_ROWS = 2   # sequences in the timed training forward+backward (scaled per token)
@@ -103,9 +111,6 @@ def _sync(device: str) -> None:
 
 
 def _prompt_tokens(spec, tokenizer) -> float:
-    from bench.generation import format_prompts
-    from bench.models import uses_chat_template
-    from tasks import chat_prompt, get_task, plain_prompt
     to_prompt = chat_prompt if uses_chat_template(tokenizer) else plain_prompt
     train = get_task(spec.task, **spec.task_params).examples("train")[:256]
     texts = format_prompts(tokenizer, [to_prompt(e.question) for e in train])
@@ -116,10 +121,6 @@ def _prompt_tokens(spec, tokenizer) -> float:
 def estimate(specs, jobs: int = 1, calibrate: bool = True) -> Estimate:
     """The cost of running `specs` (the runs not finished yet); calibrated on the model unless `calibrate` is off
     or bound 1 already says a run is beyond this device."""
-    from bench.defaults import load_tokenizer
-    from bench.runner import resolve_device, run_threads
-    from bench.sweep import _model_parameters
-    from bench.threads import torch_threads
     spec = max(specs, key=lambda s: (s.steps, s.max_completion_length))  # the longest run speaks for all
     device = resolve_device(spec.device)
     tokenizer = load_tokenizer(spec.model)
@@ -140,8 +141,6 @@ def estimate(specs, jobs: int = 1, calibrate: bool = True) -> Estimate:
 def _calibrate(est: Estimate, spec, device: str, full: bool) -> None:
     """Time the run's phases once on the model itself (random weights would do: only shapes matter; the real ones
     are loaded because they are at hand)."""
-    from bench.models import load_policy
-    from methods import get_method
     model, tokenizer = load_policy(spec.model, device=device, progress=False)
     model.eval()
     vocab = model.config.vocab_size
@@ -184,7 +183,6 @@ def _calibrate(est: Estimate, spec, device: str, full: bool) -> None:
 
 
 def _eval_items(spec):
-    from tasks import get_task
     evals = get_task(spec.task, **spec.task_params).examples("eval")
     return evals[:spec.eval_size] if spec.eval_size is not None else evals
 
@@ -203,6 +201,18 @@ def _decode_timing(model, vocab: int, rows: int, prompt: int, device: str) -> tu
         logits = model(input_ids=logits.argmax(-1)[:, None], cache=cache, use_cache=True).logits[:, -1]
     _sync(device)
     return (time.perf_counter() - t1) / DECODE_STEPS, t1 - t0
+
+
+def check_sweep_cost(specs, out, jobs: int, yes: bool) -> None:
+    """`bench run`'s estimate of the runs not finished yet in `out`, printed; refused (BenchError) where a run is
+    beyond this device, unless yes."""
+    from bench.runner import check_run_dir
+    todo = [s for s in specs if check_run_dir(s, out / s.run_id) is None]
+    if not todo:
+        return
+    est = estimate(todo, jobs)
+    print("\n".join(est.lines()), flush=True)
+    check_feasible(est, yes)
 
 
 def check_feasible(est: Estimate, yes: bool) -> None:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.io import atomic_write_json, read_json
+from bench.results import read_summary as read_run_summary
 from bench.runlock import held_by
+from bench.spec import RunSpec
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "slurm"
 # profile field -> (type check, submitit parameter)
@@ -75,17 +77,20 @@ def executor_parameters(profile: dict) -> dict:
 class RunTask:
     """One array task: run (or resume) one run spec in its own directory. Checkpointable: when SLURM signals
     preemption or the time limit, the run stops at a generation-batch boundary with a checkpoint, and submitit
-    requeues this same call, which resumes from it."""
+    requeues this same call, which resumes from it. tracking: experiment trackers (bench.trackers.Tracking)."""
+
+    def __init__(self, tracking=None):
+        self.tracking = tracking
 
     def __call__(self, spec: dict, run_dir: str) -> dict:
-        from bench import runner
-        from bench.spec import RunSpec
+        from bench import runner  # torch and TRL: imported in the array task only, not by `bench status`
 
-        # torch's thread count is chosen by run_one as in a local run (runner.run_threads): CPU float sums depend
+        # torch's thread count is chosen by run_one as in a local run (parallel.run_threads): CPU float sums depend
         # on it, and a SLURM sweep must reproduce a local one bit for bit
         submitit_handler = signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, lambda *_: runner.STOP_REQUESTED.set())
-        summary = runner.run_one(RunSpec.from_dict(spec), Path(run_dir), progress=False)
+        signal.signal(signal.SIGUSR2, lambda *_: runner.request_stop())
+        summary = runner.run_one(RunSpec.from_dict(spec), Path(run_dir), progress=False,
+                                 tracking=getattr(self, "tracking", None))
         if summary.get("status") == "preempted" and callable(submitit_handler):
             submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
         return summary
@@ -144,7 +149,7 @@ def _remove_new(folder: Path, before: set[Path], new_dirs: list[Path]) -> None:
             break
 
 
-def submit(specs, out: Path, profile: dict) -> dict:
+def submit(specs, out: Path, profile: dict, tracking=None) -> dict:
     """Submit the specs as one job array; record {run_id: job_id} in out/slurm_jobs.json. Returns the record."""
     import submitit
 
@@ -156,7 +161,8 @@ def submit(specs, out: Path, profile: dict) -> dict:
         executor = submitit.AutoExecutor(folder=str(out / ".slurm" / "%j"), cluster="slurm", slurm_max_num_timeout=3)
         executor.update_parameters(name=f"bench-{out.name}", **executor_parameters(profile))
         with _captured_stderr() as err:  # submitit lets sbatch write to our stderr; keep it for the one-line error
-            jobs = executor.map_array(RunTask(), [s.to_dict() for s in specs], [str(out / s.run_id) for s in specs])
+            jobs = executor.map_array(RunTask(tracking), [s.to_dict() for s in specs],
+                                      [str(out / s.run_id) for s in specs])
     except Exception as e:  # sbatch refused (no such partition, bad limits): nothing is recorded as submitted
         _remove_new(out / ".slurm", before, new_dirs)  # and nothing is left: submitit's pickles and script
         raise BenchError(f"sbatch failed: {_sbatch_error(e, ''.join(err))}") from None
@@ -167,6 +173,21 @@ def submit(specs, out: Path, profile: dict) -> dict:
     record.setdefault("runs", {}).update({s.run_id: j.job_id for s, j in zip(specs, jobs)})
     atomic_write_json(out / RECORD, record)
     return record
+
+
+def to_submit(specs, out: Path, resume: bool) -> list:
+    """The runs of the grid to submit: all but those finished (ok, diverged), pending or running. Runs already pending
+    or running are an error without `resume`, and so are runs whose state SLURM cannot tell (nothing is submitted)."""
+    states = {r["run_id"]: r["state"] for r in sweep_status(out)}
+    unknown = [s.run_id for s in specs if states.get(s.run_id) == "unknown"]
+    if unknown:
+        raise BenchError(f"{out}: cannot tell whether {len(unknown)} submitted run(s) are still queued "
+                         f"(e.g. {unknown[0]}): sacct and squeue failed; nothing submitted")
+    active = [s.run_id for s in specs if states.get(s.run_id) in ("pending", "running")]
+    if active and not resume:
+        raise BenchError(f"{out}: {len(active)} run(s) already pending or running under SLURM "
+                         f"(e.g. {active[0]}); use --resume to submit only what is missing")
+    return [s for s in specs if states.get(s.run_id) not in ("ok", "diverged", "pending", "running")]
 
 
 def read_record(out: Path) -> dict:
@@ -189,15 +210,8 @@ def read_record(out: Path) -> dict:
 
 def read_summary(path: Path) -> tuple[dict, str | None]:
     """(summary, problem): a run's summary.json ({} when absent), or ({}, why) when it cannot be read as one."""
-    from bench.sweep import summary_problem
-    if not path.is_file():
-        return {}, None
-    try:
-        summary = read_json(path)
-    except (OSError, ValueError) as e:
-        return {}, f"unreadable ({type(e).__name__}: truncated or not JSON)"
-    why = summary_problem(summary)
-    return ({}, why) if why else (summary, None)
+    summary, why = read_run_summary(path)
+    return summary or {}, why
 
 
 # sacct/squeue state -> bench state (for runs whose directory holds no final summary)
@@ -251,7 +265,8 @@ def scheduler_states(array_ids: list[str]) -> tuple[dict[str, str], str | None]:
 
 def sweep_status(out: Path) -> list[dict]:
     """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted; running also for a
-    local run whose lock a process holds; unfinished: a local run started without a final record that nobody runs; unreadable: its summary.json is damaged and no SLURM job holds it; unknown when
+    local run whose lock a process holds; unfinished: a local run started without a final record that nobody runs;
+    unreadable: its summary.json is damaged (bench.results.read_summary) and no SLURM job holds it; unknown when
     SLURM cannot be asked about a run without a final record), job_id, detail."""
     out = Path(out)
     record = read_record(out)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bench.cli import build_specs, resolve_run_options
+from bench.config import build_specs, resolve_run_options
 from bench.defaults import baseline, completion_budget, load_tokenizer, settings_lines, task_defaults
 from bench.spec import RunSpec
 from tasks import get_task
@@ -140,7 +140,7 @@ def test_printout_shows_only_what_differs_unless_verbose(llama, data_dir):
 
 
 def test_printout_compares_with_the_preset():
-    from bench.cli import load_config_file, preset_path
+    from bench.config import load_config_file, preset_path
     preset = load_config_file(preset_path("qwen3-0.6b-gsm8k"), "preset")
     base = baseline(preset)
     assert base["max_completion_length"] == 512 and base["steps"] == 200 and base["model"] == "Qwen/Qwen3-0.6B"
