@@ -12,7 +12,15 @@ from dataclasses import fields
 from pathlib import Path
 
 from bench import preflight, settings
-from bench.config import build_specs, default_out, preset_names, preset_summary, resolve_run_options
+from bench.config import (
+    build_specs,
+    default_out,
+    load_config_file,
+    preset_names,
+    preset_path,
+    preset_summary,
+    resolve_run_options,
+)
 from bench.errors import BenchError
 
 
@@ -23,15 +31,21 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def cmd_run(args) -> int:
+    from bench.defaults import baseline, settings_lines
+    from bench.estimate import check_sweep_cost
     from bench.sweep import run_sweep
     options = resolve_run_options(args)
-    specs = build_specs(options)
+    derived = {}
+    specs = build_specs(options, derived)
     out = default_out(options)
     tracking = preflight.check_sweep(args, options, specs, out)
+    preset = load_config_file(preset_path(args.preset), "preset") if args.preset else None
+    print("\n".join(settings_lines(specs, baseline(preset), derived, verbose=args.verbose)), flush=True)
     if args.executor == "slurm":
         return submit_to_slurm(args, specs, out, tracking)
-    df = run_sweep(specs, out, progress=not args.no_progress, jobs=preflight.parse_jobs(args.jobs, specs),
-                   tracking=tracking)
+    jobs = preflight.parse_jobs(args.jobs, specs)
+    check_sweep_cost(specs, out, jobs, yes=args.yes)  # printed; refused where beyond this device
+    df = run_sweep(specs, out, progress=not args.no_progress, jobs=jobs, tracking=tracking)
     held = df.attrs.get("held", [])
     if not df.empty:
         df = df[~df.run_id.isin(held)]  # another process is running these: their summary.json is not final

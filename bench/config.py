@@ -129,9 +129,11 @@ def default_out(options: dict) -> Path:
                 f"{Path(options['model']).name}")
 
 
-def build_specs(options: dict):
+def build_specs(options: dict, derived: dict | None = None):
     """The grid methods x ranks x seeds of RunSpecs, each validated (its own checks, its method's parameters, the task
-    and its data files, and TRL's GRPOConfig built on a dry path)."""
+    and its data files, and TRL's GRPOConfig built on a dry path). derived: a dict to receive the settings chosen for
+    the task and model (bench.defaults.task_defaults: name -> Derived), for the start-of-run printout."""
+    from bench.defaults import task_defaults
     from bench.spec import check_grpo_config, parse_rank
     from bench.sweep import grid
     from methods import method_names
@@ -163,6 +165,10 @@ def build_specs(options: dict):
     if unknown:
         raise BenchError(f"unknown --set key(s) {', '.join(unknown)}; valid: {', '.join(sorted(settable))}")
     common.update(overrides)
+    chosen = task_defaults(task, str(options["model"]), set(overrides))  # e.g. gsm8k's budget in this tokenizer
+    common.update({name: d.value for name, d in chosen.items()})
+    if derived is not None:
+        derived.update(chosen)
     if "grpo" in overrides and overrides["grpo"] is None:
         common["grpo"] = {}
     for name, (spec_field, cast) in settings.given_options().items():  # --steps etc. win over --set

@@ -225,6 +225,7 @@ class BenchGRPOTrainer(GRPOTrainer):
         self.run_id = "run"
         self.loss_hook: Callable | None = None  # install_loss_hook: the per-token loss extension point
         self._loss_forward = None       # (logps, entropies) of the training forward, while a loss hook waits for them
+        self.show_progress, self.progress_position = False, 2  # a bar while a checkpoint is saved (bench.progress)
         self._loss_wrappers: list[Callable] = []  # wrap_compute_loss, innermost first
         super().__init__(*args, **kwargs)
 
@@ -278,6 +279,11 @@ class BenchGRPOTrainer(GRPOTrainer):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.phase_seconds[phase] += time.perf_counter() - t0
+
+    def _save_checkpoint(self, model, trial):
+        from bench.progress import phase
+        with phase(f"{self.run_id}: saving checkpoint", enabled=self.show_progress, position=self.progress_position):
+            return super()._save_checkpoint(model, trial)
 
     def _generate(self, prompts):
         # vLLM gets the weights through TRL's own adapter merge: folding the adapters in here would add them twice

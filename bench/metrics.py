@@ -160,11 +160,16 @@ class ProbeSet:
     """A fixed, seeded set of held-out prompts; each measurement samples from the current policy's softmax(logits / T)
     with the same seed (under a forked RNG, so measuring never changes training's random stream)."""
 
-    def __init__(self, prompts: list, max_new_tokens: int, seed: int = 1234, temperature: float = 1.0):
+    def __init__(self, prompts: list, max_new_tokens: int, seed: int = 1234, temperature: float = 1.0,
+                 progress: bool = False, position: int = 2):
         self.prompts, self.max_new_tokens, self.seed, self.temperature = prompts, max_new_tokens, seed, temperature
+        self.progress, self.position = progress, position  # a bar (decode steps) where sampling takes seconds
 
     def sample(self, model, tokenizer) -> RolloutBatch:
-        with plain_sampling(model):  # top_k=0, top_p=1 and the temperature are passed explicitly by generate
+        from bench.progress import count_forwards, phase
+        with plain_sampling(model), phase("probe set: sampling", self.max_new_tokens, "token", self.progress,
+                                          self.position) as bar, count_forwards(model, bar):
+            # top_k=0, top_p=1 and the temperature are passed explicitly by generate
             _, out = generate(model, tokenizer, self.prompts, self.max_new_tokens, greedy=False, seed=self.seed,
                               temperature=self.temperature, batch_size=len(self.prompts))
         (prompt_ids, prompt_mask, completion_ids), = out["batches"]  # the probe set is generated at once

@@ -53,6 +53,7 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("entropy_rollout", NUMBER, "mean rollout entropy over the last quarter of steps"),
     Field("reward", NUMBER, "mean reward over the last quarter of steps"),
     Field("reward_first", NUMBER, "mean reward over the first quarter of steps"),
+    Field("frac_truncated", NUMBER, "mean over generation steps of the completions cut at the budget without EOS"),
     # cost
     Field("wall_clock_s", NUMBER, "training seconds, metrics excluded"),
     Field("time_generation_s", NUMBER, "seconds generating rollouts"),
@@ -82,6 +83,7 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("device", TEXT, "cpu or cuda", csv=False),
     Field("resumed_from", TEXT, "the checkpoint the run resumed from, if any", csv=False),
     Field("lm_eval", JSON, "lm-eval results (--final-eval lm-eval)", csv=False),
+    Field("warnings", JSON, "the run's one-line warnings: truncation, no reward variance (bench.health)", csv=False),
 )
 FIELDS = {f.name: f for f in RUN_FIELDS}
 SUMMARY_COLUMNS = [f.name for f in RUN_FIELDS if f.csv]       # summary.csv, in order (then IDENTITY_COLUMNS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import threading
 import time
 import traceback
@@ -28,11 +29,14 @@ from bench.engine import make_trainer
 from bench.errors import BenchError
 from bench.evaluate import evaluate_run
 from bench.generation import greedy_accuracy
+from bench.health import RunHealth
 from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
 from bench.metrics import PROBE_SAMPLING, InitialPolicy, ProbeSet
 from bench.models import cache_root, load_policy, uses_chat_template
 from bench.parallel import forward_threads, run_threads
 from bench.policy import InitKLToBase, build_policy, trainable_parameters, trained_set
+from bench.progress import count_prompts
+from bench.progress import phase as phase_bar
 from bench.provenance import git_sha, run_machine, versions
 from bench.results import DONE, identity, outcome
 from bench.runlock import RunHeld, run_lock
@@ -41,6 +45,7 @@ from bench.threads import torch_threads
 from bench.trackers import Session
 from methods import Method, get_method
 from tasks import chat_prompt, get_task, plain_prompt
+
 
 class Diverged(Exception):
     pass
@@ -72,7 +77,9 @@ class MetricsCallback(TrainerCallback):
     PHASES = ("generation", "reference", "policy", "metrics")
     TRL_KEYS = {"reward": "reward", "reward_std": "reward_std", "loss": "loss", "grad_norm": "grad_norm",
                 "kl": "kl_trl", "entropy": "entropy_trl", "clip_ratio/region_mean": "clip_ratio",
-                "completions/mean_length": "completion_length", "frac_reward_zero_std": "frac_reward_zero_std"}
+                "completions/mean_length": "completion_length", "frac_reward_zero_std": "frac_reward_zero_std",
+                # completions that hit the budget without EOS (TRL: the last token is neither EOS nor padding)
+                "completions/clipped_ratio": "frac_truncated"}
 
     def __init__(self, path: Path, probe, reference, tokenizer, spec: RunSpec, rows: list, bar=None):
         self.path, self.probe, self.reference, self.tokenizer = path, probe, reference, tokenizer
@@ -82,6 +89,10 @@ class MetricsCallback(TrainerCallback):
         self.pending: dict | None = None
         self.last_reward = float("nan")
         self.stopped_at: int | None = None
+        self.health = RunHealth(spec.run_id, spec.max_completion_length)
+        for row in rows:  # a resumed run: its earlier steps were already judged (and warned about)
+            self.health.check(row)
+        self.warnings: list[str] = []
 
     def _snapshot(self):
         return {k: self.trainer.phase_seconds[k] for k in self.PHASES}, self.trainer.generated_tokens, \
@@ -124,6 +135,13 @@ class MetricsCallback(TrainerCallback):
         self.last = (phases, tokens, now)
         self.pending = row
 
+    def warn(self, message: str) -> None:
+        """One line on stderr (above the progress bars) and in run.log; kept for summary.json."""
+        self.warnings.append(message)
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+        with open(self.path.parent / "run.log", "a") as f:
+            f.write(f"warning: {message}\n")
+
     def on_log(self, args, state, control, logs=None, **kw):
         if self.pending is None or logs is None or "loss" not in logs:
             return
@@ -133,6 +151,8 @@ class MetricsCallback(TrainerCallback):
                 row[name] = float(logs[key])
         self.rows.append(row)
         atomic_write_jsonl(self.path, self.rows)
+        for message in self.health.check(row):
+            self.warn(message)
         if self.report is not None:
             self.report(row, args, state, control, model=kw.get("model"))
         if self.bar is not None:
@@ -289,6 +309,7 @@ def _aggregate(rows: list[dict]) -> dict:
         "entropy": last.get("entropy_probe"), "entropy_base": rows[0].get("entropy_probe") if rows else None,
         "entropy_rollout": _mean(r.get("entropy") for r in steps[-tail:]),
         "reward": _mean(rewards[-tail:]), "reward_first": _mean(rewards[:tail]),
+        "frac_truncated": _mean(r.get("frac_truncated") for r in steps),
     }
     for phase in ("generation", "reference", "policy", "other", "metrics"):
         out[f"time_{phase}_s"] = round(sum(r.get(f"time_{phase}", 0.0) for r in steps), 3)
@@ -337,7 +358,8 @@ def prepare(spec: RunSpec, method: Method, device: str, progress: bool = True, m
     init_kl = InitKLToBase(base, method, spec.rank, params, tokenizer,  # SVD inits: pi_0 vs base (bf16 rounding)
                            [to_prompt(q) for q in init_kl_questions], spec.temperature)
     t_init = time.perf_counter()
-    policy = build_policy(base, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
+    with phase_bar(f"building the policy ({method.name} init)", enabled=progress):  # SVD inits take minutes on 8B
+        policy = build_policy(base, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
     init_seconds = time.perf_counter() - t_init
     return Prepared(method=method, params=params, policy=policy, tokenizer=tokenizer, to_prompt=to_prompt,
                     residual=spec.rank != "full" and method.modifies_base(params), init_seconds=init_seconds,
@@ -357,10 +379,13 @@ class EvalSet:
                    [e.id if e.id is not None else str(i) for i, e in enumerate(examples)])
 
 
-def greedy_eval(spec: RunSpec, prep: Prepared, evals: EvalSet, threads: int | None, memo_dir: Path | None = None):
+def greedy_eval(spec: RunSpec, prep: Prepared, evals: EvalSet, threads: int | None, memo_dir: Path | None = None,
+                bar: dict | None = None):
     """The greedy eval of the policy as it is now (bench.generation.greedy_accuracy); memo_dir: memoize (only for
-    the base policy, which runs starting from the same weights share)."""
-    with torch_threads(threads):
+    the base policy, which runs starting from the same weights share); bar: bench.progress.phase's arguments."""
+    bar = bar or {"desc": "eval", "enabled": False}
+    with torch_threads(threads), phase_bar(total=len(evals.prompts), unit="prompt", **bar) as counter, \
+            count_prompts(prep.policy, counter):
         return greedy_accuracy(prep.policy, prep.tokenizer, evals.prompts, evals.golds, spec.max_completion_length,
                                spec.eval_batch, memo_dir=memo_dir, ids=evals.ids)
 
@@ -435,9 +460,12 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
         prep.policy.save_pretrained(adapter_init_dir)  # the initial adapter: to convert the trained one for reload
     reference = InitialPolicy(prep.policy)
     eval_set = EvalSet.of(evals, prep.to_prompt)
-    fwd_threads = forward_threads(spec, prep.policy, prep.tokenizer, eval_set.prompts)
+    at = {"enabled": progress, "position": position + 1}  # phase bars: below the run's step bar
+    with phase_bar(f"{spec.run_id}: checking forwards on several threads", **at):
+        fwd_threads = forward_threads(spec, prep.policy, prep.tokenizer, eval_set.prompts)
     t_eval = time.perf_counter()
-    base = greedy_eval(spec, prep, eval_set, fwd_threads, memo_dir=eval_memo_dir())  # shared by runs from these weights
+    base = greedy_eval(spec, prep, eval_set, fwd_threads, memo_dir=eval_memo_dir(),  # shared by runs from these weights
+                       bar={"desc": f"{spec.run_id}: base eval", **at})
     atomic_write_jsonl(run_dir / "eval_base.jsonl", base["items"])
     eval_seconds = time.perf_counter() - t_eval
 
@@ -451,12 +479,13 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
     elif done_steps:
         bar.update(done_steps)
     probe = ProbeSet([prep.to_prompt(q) for q in probe_questions], spec.max_completion_length, seed=spec.seed,
-                     temperature=spec.temperature)
+                     temperature=spec.temperature, progress=progress, position=position + 1)
     callback = MetricsCallback(run_dir / "metrics.jsonl", probe, reference, prep.tokenizer, spec, rows, bar)
     trackers = Session(tracking, spec.run_id, run_dir)  # experiment trackers (none by default)
     trainer = build_trainer(spec, prep, run_dir, dataset, device, callback, fwd_threads,
                             report=trackers.grpo_settings())
     trackers.attach(trainer, callback)
+    trainer.show_progress, trainer.progress_position = progress, position + 1  # checkpoint saves
     setup_seconds = time.perf_counter() - t_setup - prep.init_seconds - eval_seconds
     trained = False
     try:
@@ -470,10 +499,15 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
 
     # evaluate, save, summarize
     t_eval = time.perf_counter()
-    final = greedy_eval(spec, prep, eval_set, fwd_threads)
+    final = greedy_eval(spec, prep, eval_set, fwd_threads, bar={"desc": f"{spec.run_id}: final eval", **at})
     atomic_write_jsonl(run_dir / "eval_final.jsonl", final["items"])
     eval_seconds += time.perf_counter() - t_eval
-    save_trained(prep.policy, run_dir, prep.residual)
-    return summarize(rows, base, final, prep, device=device, threads=fwd_threads, checkpoint=checkpoint,
-                     seconds={"eval": eval_seconds, "init": prep.init_seconds, "setup": setup_seconds},
-                     method_summary=trainer.method_summary)
+    saved = "adapter" if hasattr(prep.policy, "peft_config") else "model"
+    with phase_bar(f"{spec.run_id}: saving the trained {saved}", **at):
+        save_trained(prep.policy, run_dir, prep.residual)
+    out = summarize(rows, base, final, prep, device=device, threads=fwd_threads, checkpoint=checkpoint,
+                    seconds={"eval": eval_seconds, "init": prep.init_seconds, "setup": setup_seconds},
+                    method_summary=trainer.method_summary)
+    if callback.warnings:
+        out["warnings"] = callback.warnings
+    return out

@@ -85,6 +85,9 @@ class LaunchOptions:
     config: str | None = setting(None, "YAML file with the sweep options above (flags override it)")
     preset: str | None = setting(None, "a shipped preset (bench list); --config and flags override it")
     no_progress: bool = setting(False, "no progress bars", kind="switch")
+    verbose: bool = setting(False, "print every setting of the runs at the start (default: those that differ from the "
+                                   "defaults or the preset)", kind="switch")
+    yes: bool = setting(False, "run even where the cost estimate says the sweep is beyond this device", kind="switch")
     executor: str = setting("local", "local (this machine) or slurm (one job array)")
     jobs: str = setting("auto", "local: runs at a time, each in a worker process; 'auto': one per visible GPU on a CUDA "
                                 "machine (each worker pinned to its own), one per core on CPU for "

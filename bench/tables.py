@@ -14,6 +14,7 @@ from bench.variants import label
 TABLES = [("kl_ref", "KL to the initial policy (kl_ref, final, exact, probe set)", "{:.2e}"),
           ("kl_step", "Per-step KL (kl_step, mean over steps)", "{:.2e}"),
           ("entropy", "Entropy on the probe set (final)", "{:.3f}"),
+          ("frac_truncated", "Completions cut at the budget without EOS (frac_truncated, mean over steps)", "{:.2f}"),
           ("accuracy", "Greedy eval accuracy after training (strict match)", "{:.3f}"),
           ("accuracy_gain", "Accuracy gain over the base policy", "{:+.3f}"),
           ("wall_clock_s", "Training wall-clock, seconds (metrics excluded)", "{:.1f}")]

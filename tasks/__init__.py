@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from bench.errors import unknown_name
-from tasks.base import Example, Task, RewardConfig, plain_prompt, chat_prompt  # noqa: F401
+from tasks.base import CompletionBudget, Example, Task, RewardConfig, plain_prompt, chat_prompt  # noqa: F401
 
 TASKS: dict[str, Callable[..., Task]] = {}
 DESCRIPTIONS: dict[str, str] = {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from tasks.answers import is_correct, extract_strict, FALLBACK, truncate_at_stop
 
@@ -61,11 +62,24 @@ class RewardConfig:
         return funcs, weights
 
 
+@dataclass(frozen=True)
+class CompletionBudget:
+    """How a task sizes a run's completion budget (max_completion_length) where the run does not set one
+    (bench.defaults): for a plain-prompt model, its longest train-split gold solution in the run's tokenizer plus
+    EOS, rounded up to `multiple`, at most `at_most`; for a chat-template model, which answers in its own style
+    rather than the gold format, `chat`."""
+    at_most: int = 512
+    multiple: int = 64
+    chat: int = 512
+
+
 @dataclass
 class Task:
     """A named task: `examples(split)` for split in ("train", "eval")."""
     name: str
     params: dict = field(default_factory=dict)
+    # None: runs keep RunSpec's default budget (64, sized for synth-gsm on the embedded model)
+    budget: ClassVar[CompletionBudget | None] = None
 
     def examples(self, split: str) -> list[Example]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from tasks import register_task
-from tasks.base import Example, Task
+from tasks.base import CompletionBudget, Example, Task
 
 _FINAL = re.compile(r"####\s*\$?-?[0-9][0-9,]*(\.[0-9]+)?\s*$")
 
@@ -54,6 +54,11 @@ def read_jsonl(path: Path) -> list[Example]:
 
 
 class GSM8K(Task):
+    # GSM8K's gold solutions run to hundreds of tokens (a 1024-token BPE trained on its train split: median 131,
+    # longest 517): RunSpec's 64 would cut most of them. 512 (at most, and for chat models) is the budget of the
+    # suite's GSM8K preset (qwen3-0.6b-gsm8k).
+    budget = CompletionBudget(at_most=512, multiple=64, chat=512)
+
     def __init__(self, data: str | None = None):
         super().__init__("gsm8k", {"data": str(data) if data else "openai/gsm8k:main"})
         self.data = Path(data) if data else None
