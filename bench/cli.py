@@ -11,7 +11,11 @@ from bench.errors import BenchError
 
 DEFAULTS = {"methods": "all", "ranks": "4,16,64", "seeds": "0", "task": "synth-gsm", "model": "tiny",
             "data": None, "out": None, "steps": None, "lr": None, "alpha": None, "eval_size": None,
-            "device": "auto", "task_param": [], "set": [], "method_param": [], "final_eval": None}
+            "device": "auto", "task_param": [], "set": [], "method_param": [], "final_eval": None,
+            "lora_scaling": None, "tune": None, "lr_grid": None, "tune_steps": None, "tune_seeds": None,
+            "tune_metric": None}
+TUNE_ONLY = {"lr_grid": "--lr-grid", "tune_steps": "--tune-steps", "tune_seeds": "--tune-seeds",
+             "tune_metric": "--tune-metric"}
 RUN_KEYS = set(DEFAULTS) | {"config", "no_progress", "preset"}
 PARAM_OPTIONS = {"task_param": "--task-param", "set": "--set", "method_param": "--method-param"}
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -89,11 +93,13 @@ def load_config_file(path, what: str = "--config") -> dict:
         if name not in DEFAULTS:
             raise BenchError(f"{what} {path}: unknown key {key!r}; valid: "
                              f"{', '.join(k.replace('_', '-') for k in DEFAULTS)}")
-        if name in ("methods", "ranks", "seeds") and isinstance(value, list):
+        if name in ("methods", "ranks", "seeds", "lora_scaling", "lr_grid", "tune_seeds") and isinstance(value, list):
             if not all(_is_scalar(v) for v in value):
                 raise BenchError(f"{what} {path}: {key} must be a list of single values, got {value!r}")
             value = ",".join(str(v) for v in value)
-        if name not in PARAM_OPTIONS and value is not None and not _is_scalar(value):
+        if name == "tune" and value is not None and not isinstance(value, bool):
+            raise BenchError(f"{what} {path}: tune must be true or false, got {value!r}")
+        if name not in PARAM_OPTIONS and value is not None and not _is_scalar(value) and name != "tune":
             raise BenchError(f"{what} {path}: {key} must be a single value, got {value!r}")
         if name in PARAM_OPTIONS:
             if value is None:
@@ -175,7 +181,9 @@ def build_specs(options: dict):
                 common[key] = cast(options[key])
             except (TypeError, ValueError, OverflowError):
                 raise BenchError(f"bad --{key.replace('_', '-')} {options[key]!r}") from None
-    specs = grid(methods, ranks, seeds, method_params=method_params, **common)
+    from bench.scaling import sweep_scalings
+    scalings = sweep_scalings(options["lora_scaling"], common.pop("alpha", None), common.pop("lora_scaling", None))
+    specs = grid(methods, ranks, seeds, method_params=method_params, scalings=scalings, **common)
     from bench.spec import check_grpo_config
     for spec in specs:
         check_grpo_config(spec)  # the effective TRL GRPOConfig of every run, through TRL's own checks
@@ -305,6 +313,12 @@ def cmd_run(args) -> int:
     from bench.runner import resolve_device
     if any(s.generation_backend == "vllm" and resolve_device(s.device) != "cuda" for s in specs):
         raise BenchError("generation_backend vllm needs a CUDA device (--device cuda or auto on a GPU machine)")
+    if options["tune"]:
+        from bench.tune import cmd_tune
+        return cmd_tune(args, options, specs, out)
+    given = [flag for name, flag in TUNE_ONLY.items() if options[name] is not None]
+    if given:
+        raise BenchError(f"{', '.join(given)}: only with --tune")
     check_existing_runs(specs, out)
     if args.executor == "slurm":
         return submit_to_slurm(args, specs, out)
@@ -431,6 +445,8 @@ def cmd_report(args) -> int:
         needs = f"; {c.needs}" if c.needs else ""
         detectable = f"; detectable: {c.detectable}" if c.detectable else ""
         print(f"  [{c.verdict}{needs}] {c.claim} ({c.statistic}; n={c.n}{detectable})")
+    if info.get("warning"):
+        print(f"warning: {info['warning']}")
     return 1 if sweep.problems else 0
 
 
@@ -450,7 +466,10 @@ def cmd_leaderboard(args) -> int:
     except OSError as e:
         raise BenchError(f"--csv {csv}: cannot write: {_os_error(e)}") from None
     with pd_options():
-        print(board.drop(columns=["sweeps"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(board.drop(columns=["sweeps", "tuning_budget"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    from bench.protocol import untuned_warning
+    if warning := untuned_warning(sweep.runs):
+        sys.stderr.write(f"bench: warning: {warning}\n")
     print(f"written: {csv} ({len(board)} rows from {len(sweep.runs)} runs)")
     return 1 if sweep.problems else 0
 
@@ -587,13 +606,26 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="local GSM8K-format jsonl file or directory (task gsm8k)")
     s.add_argument("--model", help="'tiny' (embedded) or a Hugging Face id / local path")
     s.add_argument("--lr", help="learning rate")
-    s.add_argument("--alpha", help="LoRA alpha (default: alpha = rank)")
+    s.add_argument("--alpha", help="LoRA alpha at every rank: the same as --lora-scaling fixed:N")
+    s.add_argument("--lora-scaling", dest="lora_scaling",
+                   help="comma list of LoRA scaling rules, each a sweep axis: rank (alpha = r, default), fixed:N "
+                        "(alpha = N), rslora or rslora:N (alpha N / sqrt(r), N default 4)")
     s.add_argument("--eval-size", dest="eval_size", help="evaluate on the first N eval problems (default all)")
     s.add_argument("--device", help="auto | cpu | cuda")
     s.add_argument("--method-param", action="append", dest="method_param", metavar="KEY=VALUE",
                    help="method parameter, e.g. rho=0.3 for geora (repeatable)")
     s.add_argument("--set", action="append", dest="set", metavar="KEY=VALUE",
                    help="any other run setting, e.g. max_completion_length=512, num_generations=16 (repeatable)")
+    s.add_argument("--tune", action="store_const", const=True,
+                   help="tune the learning rate per method x rank x scaling on the dev split first, then run the "
+                        "seeds at the selected rate (trials in <out>/tuning; README, \"Tuning\")")
+    s.add_argument("--lr-grid", dest="lr_grid",
+                   help="--tune: learning rates to try: A,B,C or LOW:HIGH:N (log-spaced); default: --lr x "
+                        "10^(-1,-0.5,0,0.5,1)")
+    s.add_argument("--tune-steps", dest="tune_steps", help="--tune: steps per trial (default: --steps)")
+    s.add_argument("--tune-seeds", dest="tune_seeds", help="--tune: comma list of trial seeds (default 1000)")
+    s.add_argument("--tune-metric", dest="tune_metric", choices=["accuracy", "reward"],
+                   help="--tune: select by dev accuracy (default) or training reward; ties: lower kl_ref")
     s.add_argument("--out", help="sweep directory (default results/<task>-<model>)")
     s.add_argument("--config", help="YAML file with the same options (flags override)")
     s.add_argument("--preset", help="a shipped preset (bench list); --config and flags override it")

@@ -23,6 +23,7 @@ from bench import stats
 from bench.io import atomic_write_bytes, atomic_write_text
 from bench.spec import stored_key
 from bench.sweep import SUMMARY_COLUMNS, _rank_order, markdown_tables, metrics_problem, summary_problem
+from bench.protocol import PROTOCOL_COLUMNS, untuned_warning
 from bench.variants import IDENTITY_COLUMNS, assign, label, normalized_spec
 
 # leaderboard CSV columns (stable; documented in README): the original ones, then identity and intervals
@@ -31,7 +32,8 @@ CI_METRICS = [("accuracy", "accuracy"), ("accuracy_gain", "accuracy_gain"), ("kl
 LEADERBOARD_COLUMNS = ["method", "rank", "n_seeds", "n_failed", "accuracy_mean", "accuracy_std", "accuracy_gain",
                        "kl_ref_mean", "kl_step_mean", "entropy_final", "wall_clock_s", "time_vs_kl_grpo",
                        "trainable_params", "peak_mem_mb", "sweeps", "variant", "config_digest",
-                       *[f"{name}_ci_{end}" for name, _ in CI_METRICS for end in ("low", "high")]]
+                       *[f"{name}_ci_{end}" for name, _ in CI_METRICS for end in ("low", "high")],
+                       "lora_scaling", "lr", "lr_tuned", "tuning_trials", "tuning_budget"]
 
 
 @dataclass
@@ -158,7 +160,8 @@ def leaderboard(sweep: Sweep) -> pd.DataFrame:
                "kl_step_mean": ok.kl_step.mean(), "entropy_final": ok.entropy.mean(),
                "wall_clock_s": ok.wall_clock_s.mean(), "trainable_params": ok.trainable_params.max(),
                "peak_mem_mb": ok.peak_mem_mb.mean(), "sweeps": ";".join(sorted(set(g.sweep))),
-               "context": first.context}
+               "context": first.context, "lora_scaling": first.lora_scaling, "lr": first.lr,
+               "lr_tuned": first.lr_tuned, "tuning_trials": first.tuning_trials, "tuning_budget": first.tuning_text}
         for name, column in CI_METRICS:
             iv = stats.interval([ok[column].to_numpy(float)])
             row[f"{name}_ci_low"], row[f"{name}_ci_high"] = iv.low, iv.high
@@ -350,11 +353,14 @@ def write_report(sweep_dir: Path, baseline: str | None = None, margin: float | N
     if sweep.runs.empty:
         return sweep, {}
     atomic_write_text(sweep_dir / "summary.csv",  # as collect
-                      sweep.runs[SUMMARY_COLUMNS + IDENTITY_COLUMNS].to_csv(index=False))
+                      sweep.runs[SUMMARY_COLUMNS + IDENTITY_COLUMNS + PROTOCOL_COLUMNS].to_csv(index=False))
     tables_md = "\n".join([markdown_tables(sweep.runs), aggregates_markdown(sweep, baseline),
                            paired_items_markdown(sweep, baseline)])
     claims = claims_registry.check_claims(sweep.runs, margin=margin)
     claims_md = claims_registry.claims_markdown(claims)
+    warning = untuned_warning(sweep.runs)
+    if warning:
+        claims_md += f"\n**Warning**: {warning}\n"
     images = render(sweep, baseline)
     for name, (png, _) in images.items():
         atomic_write_bytes(sweep_dir / "plots" / f"{name}.png", png)
@@ -363,4 +369,4 @@ def write_report(sweep_dir: Path, baseline: str | None = None, margin: float | N
     atomic_write_text(sweep_dir / "report.html", report_html(f"GRPO stabilizer sweep: {sweep_dir.name}", tables_md,
                                                              claims_md, images, common_config(sweep),
                                                              sweep.problems))
-    return sweep, {"plots": sorted(images), "claims": claims}
+    return sweep, {"plots": sorted(images), "claims": claims, "warning": warning}

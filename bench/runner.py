@@ -431,7 +431,7 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     task = get_task(spec.task, **spec.task_params)
     model, tokenizer = load_policy(spec.model, device=device, progress=progress)
     to_prompt = chat_prompt if uses_chat_template(tokenizer) else plain_prompt
-    train, evals = task.examples("train"), task.examples("eval")
+    train, evals = task.training_examples(spec.eval_split), task.examples(spec.eval_split)  # dev: bench.tune
     if spec.eval_size is not None:
         evals = evals[:spec.eval_size]
     probe_examples = evals[:spec.probe_size]
@@ -440,7 +440,8 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
     init_kl = InitKLToBase(model, method, spec.rank, params, tokenizer,  # SVD inits: pi_0 vs base (bf16 rounding)
                            [to_prompt(e.question) for e in probe_examples], spec.temperature)
     t_init = time.perf_counter()
-    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
+    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout,
+                          spec.use_rslora)
     init_seconds = time.perf_counter() - t_init
     residual = spec.rank != "full" and method.modifies_base(params)  # base weights now hold W - s*B0*A0
     adapter_init_dir = run_dir / "adapter_init"

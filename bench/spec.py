@@ -41,6 +41,7 @@ MAX_STEPS = 100_000
 MAX_SEED = 2**32 - 1
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 EXTRACTIONS = ("strict", "flexible")
+EVAL_SPLITS = ("eval", "dev")
 
 
 def _is_number(value) -> bool:
@@ -143,7 +144,7 @@ class RunSpec:
     model: str = "tiny"
     steps: int = 40
     lr: float = 1e-3
-    alpha: float | None = None          # LoRA alpha; None -> alpha = rank (scaling 1)
+    alpha: float | None = None          # older spelling of lora_scaling fixed:N; folded into it (always None after)
     method_params: dict = field(default_factory=dict)  # overrides of the method's parameters (e.g. rho)
     num_generations: int = 8            # G completions per prompt
     micro_batch: int = 16               # completions per micro-batch
@@ -164,6 +165,9 @@ class RunSpec:
     final_eval: str = "none"            # "lm-eval": also evaluate the trained policy with lm-eval (summary.lm_eval)
     grpo: dict = field(default_factory=dict)  # extra GRPOConfig settings by TRL name (e.g. lr_scheduler_type)
     generation_backend: str = "transformers"  # rollouts: the model's generate, or TRL's colocated vLLM (GPU, optional)
+    lora_scaling: str = "rank"          # rank (alpha = r) | fixed:N | rslora[:N] (bench.scaling); canonical spelling
+    eval_split: str = "eval"            # the split evaluated: eval, or dev (learning-rate tuning trials, bench.tune)
+    tuning: dict = field(default_factory=dict)  # how lr was selected (bench.tune); empty: lr was set, not tuned
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or parse_rank(self.rank) != self.rank:
@@ -216,6 +220,15 @@ class RunSpec:
         # a negative alpha flips the sign of every LoRA update; nan/inf poison the first step
         if self.alpha is not None and not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
             raise BenchError(f"bad alpha {self.alpha!r}: must be a finite number > 0 (or unset: alpha = rank)")
+        from bench.scaling import with_alpha
+        # one spelling per configuration: alpha N is fixed:N, and rank `full` has no adapter to scale
+        object.__setattr__(self, "lora_scaling", "rank" if self.rank == "full" else
+                           with_alpha(self.lora_scaling, self.alpha))
+        object.__setattr__(self, "alpha", None)
+        if self.eval_split not in EVAL_SPLITS:
+            raise BenchError(f"bad eval_split {self.eval_split!r}; valid: {', '.join(EVAL_SPLITS)}")
+        if not isinstance(self.tuning, dict):
+            raise BenchError(f"bad tuning {self.tuning!r}: expected a mapping (written by bench tune)")
         self._check_method_grpo()
 
     def _check_method_grpo(self) -> None:
@@ -232,13 +245,29 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        return f"{self.method}_r{self.rank}_s{self.seed}"
+        """method_r{rank}_s{seed}; a scaling other than `rank` adds its name (fixed16, rslora4), and a run evaluated
+        on another split than eval (a tuning trial) adds its learning rate and the split."""
+        rid = f"{self.method}_r{self.rank}_s{self.seed}"
+        if self.lora_scaling != "rank":
+            rid += "_" + self.lora_scaling.replace(":", "")
+        if self.eval_split != "eval":
+            rid += f"_lr{self.lr:g}_{self.eval_split}"
+        return rid
+
+    @property
+    def scaling(self):
+        from bench.scaling import parse_scaling
+        return parse_scaling(self.lora_scaling)
 
     @property
     def lora_alpha(self) -> float | None:
         if self.rank == "full":
             return None  # no adapter
-        return float(self.alpha if self.alpha is not None else self.rank)
+        return self.scaling.lora_alpha(int(self.rank))
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.rank != "full" and self.scaling.use_rslora
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -28,11 +28,13 @@ TABLES = [("kl_ref", "KL to the initial policy (kl_ref, final, exact, probe set)
 
 
 def grid(methods: list[str], ranks: list, seeds: list[int], method_params: dict | None = None,
-         **common) -> list[RunSpec]:
-    """method_params: {method: {param: value}} (each method gets only its own)."""
+         scalings: list[str] | None = None, **common) -> list[RunSpec]:
+    """method_params: {method: {param: value}} (each method gets only its own); scalings: LoRA scaling rules
+    (bench.scaling), one more axis (rank `full` has none: its run appears once)."""
     per = method_params or {}
-    return [RunSpec(method=m, rank=r, seed=s, method_params=dict(per.get(m, {})), **common)
-            for m in methods for r in ranks for s in seeds]
+    specs = [RunSpec(method=m, rank=r, seed=s, method_params=dict(per.get(m, {})), lora_scaling=sc, **common)
+             for m in methods for r in ranks for sc in scalings or ["rank"] for s in seeds]
+    return list(dict.fromkeys(specs))
 
 
 def check_writable(out: Path) -> None:
@@ -344,6 +346,8 @@ def markdown_tables(df: pd.DataFrame) -> str:
     ok = df[df.status == "ok"]
     ranks = sorted({str(r) for r in df["rank"]}, key=_rank_order)
     rows = list(dict.fromkeys(zip(df["method"], df["variant"])))
+    from bench.protocol import lr_markdown
+    lines += lr_markdown(df, rows, ranks, label)
     for column, title, fmt in TABLES:
         lines += [f"## {title}", "", "| method | " + " | ".join(f"r={r}" for r in ranks) + " |",
                   "|---|" + "---|" * len(ranks)]
@@ -397,8 +401,10 @@ def collect(out: Path, problems: list | None = None) -> pd.DataFrame:
     df = load_runs(out, problems)
     if df.empty:
         return df
+    from bench.protocol import PROTOCOL_COLUMNS
     from bench.variants import IDENTITY_COLUMNS
     df = run_identity(out, df)
-    atomic_write_text(out / "summary.csv", df[SUMMARY_COLUMNS + IDENTITY_COLUMNS].to_csv(index=False))
+    columns = SUMMARY_COLUMNS + IDENTITY_COLUMNS + PROTOCOL_COLUMNS
+    atomic_write_text(out / "summary.csv", df[columns].to_csv(index=False))
     atomic_write_text(out / "tables.md", markdown_tables(df))
     return df
