@@ -315,9 +315,9 @@ def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path) -> int:
     write_selection(rows, cfg, tuning_dir)
     print(selection_markdown(rows, cfg))
     print(f"selection: {tuning_dir / 'selection.md'}")
-    finals = [f for key, group in grouped.items() for f in
-              final_specs(group, next(r["lr"] for r in rows if r["key"] == key), cfg)
-              if next(r["lr"] for r in rows if r["key"] == key) is not None]
+    chosen = {r["key"]: r["lr"] for r in rows}
+    finals = [f for key, group in grouped.items() if chosen[key] is not None
+              for f in final_specs(group, chosen[key], cfg)]
     unselected = [r["cell"] for r in rows if r["lr"] is None]
     if unselected:
         sys.stderr.write(f"bench: {len(unselected)} cell(s) without a selected learning rate, not run: "

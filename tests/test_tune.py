@@ -241,3 +241,37 @@ def test_slurm_tune_submits_trials_then_the_final_runs(tmp_path, monkeypatch, ca
     assert cmd_tune(args, options, specs, out) == 0
     assert submitted == [("sweep", ["kl_free_lora_r4_s0", "kl_free_lora_r4_s1"], True)]
     assert "| 0.003 |" in (out / "tuning" / "selection.md").read_text()
+
+
+def test_tables_leaderboard_and_claims_of_a_tuned_sweep(tmp_path):
+    """Tuned runs (a different lr per rank, one protocol) share their method's row and the claims' context; the lr
+    table says tuned with the budget; an untuned two-method sweep gets the warning, a tuned one does not."""
+    from bench.claims import check_claims
+    from bench.report import leaderboard, load_sweep, write_report
+    from tests.test_report import _write_run
+    protocol = TuneConfig((1e-4, 1e-3, 1e-2), 10, (1000,)).protocol()
+    lrs = {4: 1e-2, 16: 1e-3, 64: 1e-4}
+    for tuned, folder in ((True, tmp_path / "tuned"), (False, tmp_path / "untuned")):
+        for method in ("kl_free_lora", "kl_grpo"):
+            for rank in (4, 16, 64):
+                for seed in range(3):
+                    extra = {"lr": lrs[rank], "tuning": protocol} if tuned else {"lr": 1e-3}
+                    _write_run(folder, method, rank, seed, spec_extra=extra, accuracy=0.4 + 0.01 * seed,
+                               kl_ref=0.001 * rank * (1 + 0.1 * seed), wall_clock_s=10.0 + seed)
+    sweep = load_sweep(tmp_path / "tuned")
+    assert set(sweep.runs.variant) == {""} and sweep.runs.context.nunique() == 1
+    board = leaderboard(sweep)
+    assert len(board) == 6 and board.lr_tuned.all() and (board.tuning_trials == 3).all()
+    assert dict(zip(board["rank"].astype(str), board.lr)) == {"4": 1e-2, "16": 1e-3, "64": 1e-4}
+    (rank_claim,) = [c for c in check_claims(sweep.runs) if c.id == "kl_grows_with_rank"]
+    assert rank_claim.verdict == "supported"  # pairs across ranks although the lr differs by rank
+    _, info = write_report(tmp_path / "tuned")
+    tables = (tmp_path / "tuned" / "tables.md").read_text()
+    assert "| kl_free_lora | rank | 0.01 (tuned, 3 trials) | 0.001 (tuned, 3 trials) | 0.0001 (tuned, 3 trials) |" \
+        in tables
+    assert "Tuning budget: 3 trials: lr in {0.0001, 0.001, 0.01} x 1 seed(s) x 10 steps" in tables
+    assert not info["warning"] and "**Warning**" not in tables
+    _, info = write_report(tmp_path / "untuned")
+    assert "not tuned per method x rank" in info["warning"]
+    assert "**Warning**" in (tmp_path / "untuned" / "claims.md").read_text()
+    assert "0.001 (set)" in (tmp_path / "untuned" / "tables.md").read_text()
