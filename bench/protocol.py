@@ -62,7 +62,7 @@ def lr_markdown(df: pd.DataFrame, rows: list, ranks: list[str], label) -> list[s
         return []
     lines = ["## Learning rate and LoRA scaling per cell", "",
              "Each cell: the learning rate its runs trained at, `tuned` (selected per method x rank x scaling on the "
-             "dev split by bench tune, with its number of trials) or `set` (one value given for the sweep).", "",
+             "dev split by bench run --tune, with its number of trials) or `set` (one value given for the sweep).", "",
              "| method | LoRA scaling | " + " | ".join(f"r={r}" for r in ranks) + " |",
              "|---|---|" + "---|" * len(ranks)]
     for m, v in rows:

@@ -275,3 +275,16 @@ def test_tables_leaderboard_and_claims_of_a_tuned_sweep(tmp_path):
     assert "not tuned per method x rank" in info["warning"]
     assert "**Warning**" in (tmp_path / "untuned" / "claims.md").read_text()
     assert "0.001 (set)" in (tmp_path / "untuned" / "tables.md").read_text()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--lr-grid", "1e-3"], "--lr-grid: only with --tune"),
+    (["--tune-seeds", "1"], "--tune-seeds: only with --tune"),
+    (["--tune", "--lr-grid", "x"], "bad --lr-grid value: 'x' is not a finite number > 0"),
+    (["--tune", "--tune-seeds", "1,1"], "a seed listed twice")])
+def test_bad_tune_options_are_one_line_exit_2(tmp_path, capsys, argv, fragment):
+    from bench.cli import main
+    out = tmp_path / "out"
+    assert main(["run", "--methods", "kl_free_lora", "--ranks", "4", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err and not out.exists()
