@@ -5,6 +5,18 @@ policy forward time), `_prepare_inputs` (the step's rollouts for kl_step) and `t
 forward+backward time; kl_step's pre-step distribution, read from the training forward's final hidden states).
 `_compute_loss` is a declared extension point for methods whose loss TRL lacks: a per-token term added to TRL's
 per-token loss (`install_loss_hook`).
+
+The method contract: what a method's trainer hook (methods.Method.trainer_hooks, called once by make_trainer) may
+use, and nothing else of the trainer's internals:
+  trainer.add_step_metrics(dict)       values for this optimizer step's metrics.jsonl row
+  trainer.set_method_summary(**fields) fields for summary.json; trainer.note(message, **fields) also logs a remark
+  trainer.wrap_compute_loss(wrapper)   wrapper(compute_loss, model, inputs, *args, **kwargs) -> loss, around each
+                                       training micro-batch's loss (the last wrapper added is the outermost)
+  install_loss_hook(trainer, hook)     a per-token term added to TRL's per-token policy loss
+  trainer.add_reward(func, name, w)    one more reward function, weighted as TRL weights its own
+  trainer.add_callback(callback)       a transformers TrainerCallback; make_trainer adds the harness's callbacks
+                                       (e.g. the metrics row writer) after every method hook, so in each event a
+                                       method's callbacks run first and the harness reads what they added
 Two save work without changing what TRL computes: each micro-batch drops its all-padding completion columns (TRL pads
 a whole generation batch to its longest completion), and the "old" log-prob forward, which TRL runs over a whole
 generation batch, runs only for the micro-batches of later optimizer steps: those of the first step are scored by
@@ -13,6 +25,7 @@ The loss (plus a method's declared per-token term), the sampler and the optimize
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -27,6 +40,7 @@ from bench.errors import BenchError
 from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
 from bench.threads import torch_threads
+from tasks import RewardConfig
 
 
 def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat: bool, use_cpu: bool) -> GRPOConfig:
@@ -54,10 +68,12 @@ def effective_grpo(settings: dict) -> dict:
 def grpo_settings(spec, method, output_dir: str = "", reward_weights: list[float] | None = None, chat: bool = False,
                   use_cpu: bool = True) -> dict:
     """The GRPOConfig keyword arguments of a run. Every default that silently changes the algorithm is set
-    explicitly (ecosystem.md section 8)."""
+    explicitly (TRL 1.16 defaults: loss_type "dapo", use_bias_correction_kl True; see
+    https://huggingface.co/docs/trl/grpo_trainer)."""
     kwargs = dict(
         output_dir=output_dir,
-        # objective (shared/seeds/001): per-sequence token mean, group-normalized advantages (std + 1e-4)
+        # GRPO's objective (Shao et al. 2024, arXiv 2402.03300): per-sequence token mean, group-normalized advantages
+        # (std + 1e-4)
         loss_type="grpo", scale_rewards="group", epsilon=0.2, beta=method.resolved_beta(spec.method_params),
         use_bias_correction_kl=False,  # the plain k3 KL term; TRL 1.16 defaults to True
         importance_sampling_level="token", num_iterations=1, mask_truncated_completions=False,
@@ -89,12 +105,12 @@ def grpo_settings(spec, method, output_dir: str = "", reward_weights: list[float
 
 
 def make_trainer(spec, method, params: dict, policy, tokenizer, dataset, output_dir: str, chat: bool, device: str,
-                 trainer_cls=None, log_path=None, **kwargs):
+                 trainer_cls=None, log_path=None, callbacks: list | None = None, **kwargs):
     """The run's trainer: TRL's GRPOTrainer (or `trainer_cls`) on the spec's GRPOConfig, the task's reward, and the
-    method's trainer hooks applied. Used by the runner and by `bench perf`, so both time the same object."""
+    method's trainer hooks applied; then `callbacks` (the harness's), which thus run after the method's callbacks in
+    every event. Used by the runner and by `bench perf`, so both time the same object."""
     from transformers import PrinterCallback
 
-    from tasks import RewardConfig
     funcs, weights = RewardConfig(**spec.reward).funcs_and_weights()
     args = grpo_config(spec, method, output_dir, weights, chat=chat, use_cpu=device == "cpu")
     if (trainer_cls or BenchGRPOTrainer) is BenchGRPOTrainer:
@@ -106,6 +122,8 @@ def make_trainer(spec, method, params: dict, policy, tokenizer, dataset, output_
         trainer.log_path, trainer.run_id = log_path, spec.run_id
     for hook in method.trainer_hooks:
         hook(trainer, params)
+    for callback in callbacks or ():
+        trainer.add_callback(callback)
     return trainer
 
 
@@ -191,7 +209,7 @@ def install_loss_hook(trainer, hook: Callable) -> None:
 class BenchGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, step_kl: StepKL | None = None, forward_threads: int | None = None, **kwargs):
         self.phase_seconds: dict[str, float] = defaultdict(float)
-        self.forward_threads = forward_threads  # torch threads for forward passes (runner.forward_threads)
+        self.forward_threads = forward_threads  # torch threads for forward passes (parallel.forward_threads)
         self.generated_tokens = 0
         self.step_kl = step_kl or StepKL()
         self.step_metrics: dict = {}
@@ -204,12 +222,42 @@ class BenchGRPOTrainer(GRPOTrainer):
         self.run_id = "run"
         self.loss_hook: Callable | None = None  # install_loss_hook: the per-token loss extension point
         self._loss_forward = None       # (logps, entropies) of the training forward, while a loss hook waits for them
+        self._loss_wrappers: list[Callable] = []  # wrap_compute_loss, innermost first
         super().__init__(*args, **kwargs)
+
+    # ---- the method contract (module docstring) --------------------------------------------------------------------
+
+    def add_step_metrics(self, metrics: dict) -> None:
+        """Values for the current optimizer step's metrics.jsonl row (the harness reads them at the step's end)."""
+        self.step_metrics.update(metrics)
+
+    def pop_step_metrics(self) -> dict:
+        """The current step's added metrics, cleared for the next step (the harness's side of add_step_metrics)."""
+        metrics, self.step_metrics = self.step_metrics, {}
+        return metrics
+
+    def set_method_summary(self, **fields) -> None:
+        """Fields for the run's summary.json (after the harness's own; bench.results.RUN_FIELDS)."""
+        self.method_summary.update(fields)
+
+    def wrap_compute_loss(self, wrapper: Callable) -> None:
+        """wrapper(compute_loss, model, inputs, *args, **kwargs) -> loss runs around every micro-batch's loss
+        computation (the training forward); it may change the inputs TRL's loss sees, and must return the loss of
+        the compute_loss it was given. Wrappers nest in the order added (the last one outermost)."""
+        self._loss_wrappers.append(wrapper)
+
+    def add_reward(self, func: Callable, name: str, weight: float = 1.0) -> None:
+        """One more reward function, as TRL 1.16 appends its own (e.g. environment rewards): its name in TRL's
+        logged metrics, no processing class, `weight` in the weighted sum of rewards."""
+        self.reward_funcs.append(func)
+        self.reward_func_names.append(name)
+        self.reward_processing_classes.append(None)
+        self.reward_weights = torch.cat([self.reward_weights, torch.tensor([weight], dtype=self.reward_weights.dtype)])
 
     def note(self, message: str, **fields) -> None:
         """A method's one-time remark: a line in run.log and on stderr, and `fields` in summary.json."""
         import sys
-        self.method_summary.update(fields)
+        self.set_method_summary(**fields)
         self.method_summary.setdefault("notes", []).append(message)
         print(f"{self.run_id}: {message}", file=sys.stderr)
         if self.log_path is not None:
@@ -313,6 +361,12 @@ class BenchGRPOTrainer(GRPOTrainer):
         return backbone.register_forward_hook(keep)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = self._threaded_compute_loss
+        for wrapper in self._loss_wrappers:  # a method's (wrap_compute_loss), innermost first
+            loss = functools.partial(wrapper, loss)
+        return loss(model, inputs, *args, **kwargs)
+
+    def _threaded_compute_loss(self, model, inputs, *args, **kwargs):
         # the training forward; its backward runs afterwards (Trainer.training_step) at the run's own thread count
         with torch_threads(self.forward_threads):
             return super().compute_loss(model, inputs, *args, **kwargs)
@@ -354,6 +408,6 @@ class BenchGRPOTrainer(GRPOTrainer):
             b = self._step_first_batch  # parameters are still those before the optimizer step
             batch = RolloutBatch(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
             with self.timed("metrics"), torch_threads(self.forward_threads):
-                self.step_metrics.update(self.step_kl.capture_before(model, batch, hidden=self._hidden))
+                self.add_step_metrics(self.step_kl.capture_before(model, batch, hidden=self._hidden))
             self._step_first_batch = self._hidden = None
         return loss

@@ -16,8 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from bench.device import resolve_device
 from bench.errors import BenchError
-from bench.io import atomic_write_json, read_json, read_jsonl
+from bench.io import atomic_write_json, read_jsonl
+from bench.models import load_policy, uses_chat_template
+from bench.results import read_config, read_summary
+from bench.spec import RunSpec
+from tasks import get_task
 
 STOCK_TASK = "gsm8k"
 EVAL_PHASES = ("base", "final")
@@ -56,7 +61,6 @@ def local_task_yaml(name: str, data_file: Path, max_gen_toks: int) -> dict:
 
 def load_trained(run_dir: Path, spec, device: str):
     """The trained policy as a plain model: the original base + the saved adapter, merged (or the saved full model)."""
-    from bench.models import load_policy
     base, tokenizer = load_policy(spec.model, device=device, progress=False)
     if (run_dir / "adapter").is_dir():
         from peft import PeftModel
@@ -71,16 +75,12 @@ def load_trained(run_dir: Path, spec, device: str):
 
 def run_spec(run_dir: Path):
     """The RunSpec recorded in run_dir/config.json; a missing or damaged file is a one-line error naming it."""
-    from bench.spec import RunSpec
     path = run_dir / "config.json"
     if not path.is_file():
         raise BenchError(f"{run_dir}: not a run directory (no config.json)")
-    try:
-        config = read_json(path)
-    except (OSError, ValueError) as e:
-        raise BenchError(f"{path}: unreadable ({type(e).__name__}: truncated or not JSON)") from None
-    if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
-        raise BenchError(f"{path}: not a run configuration (no \"spec\" object)")
+    config, why = read_config(path)
+    if why:
+        raise BenchError(f"{path}: {why}")
     try:
         return RunSpec.from_dict(config["spec"])
     except TypeError as e:
@@ -90,14 +90,10 @@ def run_spec(run_dir: Path):
 
 
 def summary_of(run_dir: Path) -> dict:
-    from bench.sweep import summary_problem
     path = run_dir / "summary.json"
-    try:
-        summary = read_json(path)
-    except (OSError, ValueError) as e:
-        raise BenchError(f"{path}: unreadable ({type(e).__name__}: truncated or not JSON); nothing evaluated") from None
-    if why := summary_problem(summary):
-        raise BenchError(f"{path}: {why}; nothing evaluated")
+    summary, why = read_summary(path)
+    if summary is None:
+        raise BenchError(f"{path}: {why or 'missing'}; nothing evaluated")
     return summary
 
 
@@ -106,10 +102,6 @@ def evaluate_run(run_dir: Path, limit: int | None = None, num_fewshot: int = 0, 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-
-    from bench.models import uses_chat_template
-    from bench.runner import resolve_device
-    from tasks import get_task
 
     run_dir = Path(run_dir)
     spec = run_spec(run_dir)

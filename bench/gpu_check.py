@@ -38,7 +38,8 @@ def build_model_dir(path: Path, layers: int) -> Path:
 
 def main(argv=None) -> int:
     from bench.perf import MethodBench, _rows, machine, method_step_ratios
-    from bench.runner import resolve_device, versions
+    from bench.device import resolve_device
+    from bench.provenance import versions
     from bench.spec import RunSpec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

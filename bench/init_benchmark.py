@@ -11,15 +11,15 @@ import time
 
 import torch
 
+from bench.policy import build_policy
+from methods import get_method
+
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
 
 
 def main(argv=None) -> int:
     from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from bench.policy import build_policy
-    from methods import get_method
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=16)

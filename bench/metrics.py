@@ -1,4 +1,4 @@
-"""Metrics measured identically for every method (definitions: shared/DESIGN.md, "Metrics").
+"""Metrics measured identically for every method (README, "Metrics").
 
 Every distribution below is the one TRL's loss optimizes: softmax(logits / T) at the run's sampling temperature T
 (TRL divides the logits by T in its log-prob head). The probe set is sampled from exactly that distribution: no

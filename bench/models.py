@@ -20,7 +20,11 @@ from pathlib import Path
 import torch
 
 from bench.errors import BenchError
+from bench.generation import greedy_accuracy
 from bench.io import atomic_write_json
+from bench.threads import torch_threads
+from tasks import get_task
+from tasks.base import plain_prompt
 
 BUILDER_VERSION = 3  # 3: built with BUILD_THREADS threads on every machine
 EOS = "<|endoftext|>"
@@ -51,7 +55,6 @@ class TinySpec:
     seed: int = 0
 
     def key(self) -> str:
-        from tasks import get_task
         task = get_task("synth-gsm", **self.task_params).describe()  # resolved defaults are part of the key
         blob = json.dumps({"v": BUILDER_VERSION, **asdict(self), "task": task}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -84,7 +87,6 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
 
 def _sft_batches(tokenizer, examples, batch_size: int, generator: torch.Generator):
     """Endless shuffled batches of prompt+completion with the loss on completion tokens only."""
-    from tasks.base import plain_prompt
     prompts = [tokenizer(plain_prompt(e.question), add_special_tokens=False)["input_ids"] for e in examples]
     answers = [tokenizer(" " + e.answer + EOS, add_special_tokens=False)["input_ids"] for e in examples]
     pad = tokenizer.pad_token_id
@@ -118,7 +120,6 @@ def build_tiny(spec: TinySpec | None = None, progress: bool = True) -> Path:
             return out
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        from bench.threads import torch_threads
         with torch_threads(BUILD_THREADS):
             info = _build_tiny_into(spec, tmp, progress)
         atomic_write_json(tmp / "build_info.json", info)
@@ -130,10 +131,6 @@ def build_tiny(spec: TinySpec | None = None, progress: bool = True) -> Path:
 def _build_tiny_into(spec: TinySpec, path: Path, progress: bool) -> dict:
     from tqdm.auto import tqdm
     from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from bench.generation import greedy_accuracy
-    from tasks import get_task
-    from tasks.base import plain_prompt
 
     t0 = time.perf_counter()
     torch.manual_seed(spec.seed)

@@ -48,21 +48,16 @@ class MethodBench:
 
         from bench.engine import make_trainer
         from bench.metrics import InitialPolicy
-        from bench.models import load_policy, uses_chat_template
-        from bench.policy import build_policy
+        from bench.runner import prepare
         from methods import get_method
-        from tasks import chat_prompt, plain_prompt
 
         self.name = label or method_name
-        method = get_method(method_name)
-        params = method.resolve_params(spec.method_params)
-        model, self.tokenizer = load_policy(model_name, device=device, progress=False, attn=attn)
-        self.policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
-        to_prompt = chat_prompt if uses_chat_template(self.tokenizer) else plain_prompt
-        self.rows = [{"prompt": to_prompt(r["question"]), "gold": r["gold"]} for r in rows]
+        prep = prepare(spec, get_method(method_name), device, progress=False, model=model_name, attn=attn)
+        self.policy, self.tokenizer = prep.policy, prep.tokenizer
+        self.rows = [{"prompt": prep.to_prompt(r["question"]), "gold": r["gold"]} for r in rows]
         self.tmp = tempfile.TemporaryDirectory()
-        self.trainer = make_trainer(spec, method, params, self.policy, self.tokenizer, Dataset.from_list(self.rows[:1]),
-                                    self.tmp.name, chat=to_prompt is chat_prompt, device=device,
+        self.trainer = make_trainer(spec, prep.method, prep.params, self.policy, self.tokenizer,
+                                    Dataset.from_list(self.rows[:1]), self.tmp.name, chat=prep.chat, device=device,
                                     trainer_cls=trainer_cls)
         self.initial = InitialPolicy(self.policy)  # after the hooks: PROMA may freeze tensors at rank full
         self.spec, self.device = spec, device
@@ -123,7 +118,7 @@ def _rows(spec) -> list[dict]:
 
 def method_step_ratios(methods: list[str], spec, model_name: str, device: str, reps: int, seed: int = 0,
                        log=print, benches: list | None = None, check_tokens: bool = True) -> dict:
-    from bench.runner import PeakMemory
+    from bench.device import PeakMemory
 
     rows = _rows(spec)
     benches = benches or [MethodBench(m, spec, model_name, device, rows) for m in methods]
@@ -310,7 +305,8 @@ def machine() -> dict:
 
 def run_perf(methods: list[str], rank, reps: int, model: str, device: str, out: Path, log=print,
              full: bool = True) -> dict:
-    from bench.runner import resolve_device, versions
+    from bench.device import resolve_device
+    from bench.provenance import versions
     from bench.spec import RunSpec
 
     device = resolve_device(device)
@@ -364,7 +360,7 @@ if __name__ == "__main__":  # python -m bench.perf [REPS] [THREADS]: the eval co
     import json
     import sys
 
-    from bench.runner import resolve_device
+    from bench.device import resolve_device
     from bench.spec import RunSpec
     torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
     print(json.dumps(eval_cost(RunSpec(method="kl_free_lora", rank=16), "tiny", resolve_device("auto"),

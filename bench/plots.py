@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench import stats
-from bench.sweep import _rank_order
+from bench.tables import rank_order
 
 
 def _setup():
@@ -116,7 +116,7 @@ def _small_multiples(sweep, metric: str, log: bool, smooth: int = 1):
         data = data.sort_values("step")
         data[metric] = data.groupby(["label", "rank", "seed"])[metric].transform(
             lambda s: s.rolling(smooth, min_periods=1).mean())
-    ranks = sorted(data["rank"].unique(), key=_rank_order)
+    ranks = sorted(data["rank"].unique(), key=rank_order)
     colors = _palette(list(dict.fromkeys(data.label)))
     fig, axes = plt.subplots(1, len(ranks), figsize=(min(4.2 * len(ranks), 15), 3.8), sharey=True, squeeze=False)
     for ax, rank in zip(axes[0], ranks):
@@ -163,7 +163,7 @@ def wall_clock_phases(sweep, baseline):
     if ok.empty or not ok[phases].notna().any().any():
         return None
     t = ok.groupby(["label", "rank"])[phases].mean().reset_index()
-    t = t.sort_values(["label", "rank"], key=lambda s: s.map(_rank_order) if s.name == "rank" else s)
+    t = t.sort_values(["label", "rank"], key=lambda s: s.map(rank_order) if s.name == "rank" else s)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(t)), 4.5))
     bottom = np.zeros(len(t))
     labels = t.label + " r" + t["rank"].astype(str)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from bench.errors import BenchError
+from bench.generation import eval_mode, format_prompts
 from methods import QWEN3_TARGETS
 
 
@@ -56,7 +57,8 @@ def build_policy(model, method, rank, alpha: float | None, seed: int, params: di
         with torch.no_grad():
             method.adapter_init(policy, params)
     # The adapter now holds its initial values; later copies (TRL's "ref" adapter) must not re-run an SVD init
-    # on the already-residual base weights (ecosystem.md 1.5).
+    # on the already-residual base weights (TRL 1.16 copies the adapter config with PeftModel.add_adapter, which
+    # re-runs a PiSSA init and so mutates the shared base weights a second time).
     policy.peft_config["default"].init_lora_weights = True
     return policy
 
@@ -93,7 +95,6 @@ def trained_set(model) -> str:
 def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / T) at every position of (left-padded) sequences, float32 [B, L, V]."""
-    from bench.generation import eval_mode
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     with eval_mode(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
@@ -112,7 +113,6 @@ class InitKLToBase:
         self.base = None
         if rank == "full" or not method.modifies_base(method.resolve_params(params)) or not prompts:
             return
-        from bench.generation import format_prompts
         device = next(model.parameters()).device
         self.enc = tokenizer(format_prompts(tokenizer, prompts[:max_prompts]), return_tensors="pt", padding=True,
                              padding_side="left", add_special_tokens=False).to(device)

@@ -2,9 +2,10 @@
 (bench.claims), plots (bench.plots), one self-contained report.html and a leaderboard CSV. It names no method:
 which runs are baselines and what the papers claim is data in bench.claims.
 
-Everything is computed from the run directories (summary.json, metrics.jsonl, config.json, eval_final.jsonl); a
-corrupt or missing file is reported file by file and skipped, and the rest is reported. Runs group by configuration
-(bench.variants): runs that differ in any setting but the seed never share a row or a cell.
+Everything is computed from the run directories (summary.json, metrics.jsonl, config.json, eval_final.jsonl, read
+by bench.results.load_sweep); a corrupt or missing file is reported file by file and skipped, and the rest is
+reported. Runs group by configuration (bench.variants): runs that differ in any setting but the seed never share a
+row or a cell.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,125 +22,12 @@ import pandas as pd
 from bench import claims as claims_registry
 from bench import stats
 from bench.io import atomic_write_bytes, atomic_write_text
-from bench.spec import stored_key
-from bench.sweep import SUMMARY_COLUMNS, _rank_order, markdown_tables, metrics_problem, summary_problem
-from bench.protocol import PROTOCOL_COLUMNS, untuned_warning
-from bench.variants import IDENTITY_COLUMNS, assign, label, normalized_spec
+from bench.plots import render
+from bench.protocol import untuned_warning
+from bench.results import CI_METRICS, ITEMS_FILE, LEADERBOARD_COLUMNS, Sweep, load_sweep, summary_table
+from bench.tables import markdown_tables, rank_order
 
-# leaderboard CSV columns (stable; documented in README): the original ones, then identity and intervals
-CI_METRICS = [("accuracy", "accuracy"), ("accuracy_gain", "accuracy_gain"), ("kl_ref", "kl_ref"),
-              ("kl_step", "kl_step"), ("entropy_final", "entropy"), ("wall_clock_s", "wall_clock_s")]
-LEADERBOARD_COLUMNS = ["method", "rank", "n_seeds", "n_failed", "accuracy_mean", "accuracy_std", "accuracy_gain",
-                       "kl_ref_mean", "kl_step_mean", "entropy_final", "wall_clock_s", "time_vs_kl_grpo",
-                       "trainable_params", "peak_mem_mb", "sweeps", "variant", "config_digest",
-                       *[f"{name}_ci_{end}" for name, _ in CI_METRICS for end in ("low", "high")],
-                       "lora_scaling", "lr", "lr_tuned", "tuning_trials", "tuning_budget"]
-
-
-@dataclass
-class Sweep:
-    runs: pd.DataFrame                                   # one row per run with a readable summary.json
-    curves: dict = field(default_factory=dict)           # run_id -> list of metrics.jsonl rows
-    configs: dict = field(default_factory=dict)          # run_id -> config.json
-    problems: list = field(default_factory=list)         # "FILE: what is wrong" (skipped)
-    notes: list = field(default_factory=list)            # e.g. duplicate runs of merged sweeps, counted once
-    items: dict = field(default_factory=dict)            # run key -> per-item correctness (pd.Series by item id)
-
-
-def _read_json(path: Path, problems: list):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        problems.append(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        return None
-
-
-def load_sweep(*dirs: Path) -> Sweep:
-    rows, curves, configs, problems, notes, seen = [], {}, {}, [], [], {}
-    for d in dirs:
-        d = Path(d)
-        if not d.is_dir():
-            problems.append(f"{d}: no such sweep directory")
-            continue
-        run_dirs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not any((p / "summary.json").exists() or (p / "config.json").exists() for p in run_dirs):
-            problems.append(f"{d}: no run directories")
-        for run in run_dirs:
-            if not (run / "summary.json").exists():
-                if (run / "config.json").exists():
-                    problems.append(f"{run / 'summary.json'}: missing (run not finished)")
-                continue
-            s = _read_json(run / "summary.json", problems)
-            if s is None:
-                continue
-            if why := summary_problem(s):
-                problems.append(f"{run / 'summary.json'}: {why}")
-                continue
-            row = {c: s.get(c) for c in SUMMARY_COLUMNS}
-            row["rank"] = str(row["rank"])
-            row["eval_n"] = s.get("eval_n")
-            row["sweep"] = str(d)
-            row["key"] = f"{d}/{run.name}"
-            config = _read_json(run / "config.json", problems) if (run / "config.json").exists() else None
-            if config is not None and not (isinstance(config, dict) and isinstance(config.get("spec"), dict)):
-                problems.append(f"{run / 'config.json'}: not a run configuration (no \"spec\" object)")
-                config = None
-            spec_key = stored_key(config) if isinstance(config, dict) else None
-            if spec_key and spec_key in seen:  # the same run configuration in two merged sweeps: count it once
-                notes.append(f"{run}: same configuration as {seen[spec_key]}; counted once")
-                continue
-            if spec_key:
-                seen[spec_key] = run
-            rows.append(row)
-            if config is not None:
-                configs[row["key"]] = config
-            if (run / "metrics.jsonl").exists():
-                try:
-                    curve = [json.loads(line) for line in
-                             (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-                except ValueError as e:
-                    problems.append(f"{run / 'metrics.jsonl'}: unreadable ({str(e)[:120]})")
-                    continue
-                if why := metrics_problem(curve):
-                    problems.append(f"{run / 'metrics.jsonl'}: {why}")
-                    continue
-                curves[row["key"]] = curve
-    runs = pd.DataFrame(rows, columns=[*SUMMARY_COLUMNS, "eval_n", "sweep", "key"])
-    for c in ("accuracy", "accuracy_base", "accuracy_gain", "kl_ref", "kl_step", "entropy", "entropy_base",
-              "wall_clock_s", "trainable_params", "peak_mem_mb", "seed", "time_generation_s", "time_reference_s",
-              "time_policy_s", "time_other_s", "reward", "eval_n"):
-        runs[c] = pd.to_numeric(runs[c], errors="coerce")
-    runs = assign(runs, {k: normalized_spec(configs.get(k)) for k in runs.key})
-    runs["label"] = [label(m, v) for m, v in zip(runs.method, runs.variant)]
-    sweep = Sweep(runs, curves, configs, problems, notes)
-    sweep.items = load_items(sweep)
-    return sweep
-
-
-ITEMS_FILE = "eval_final.jsonl"   # per-item results of the final greedy eval (one JSON object per eval item)
-
-
-def load_items(sweep: Sweep) -> dict:
-    """run key -> pd.Series of strict correctness (0/1) indexed by item id, for ok runs whose eval_final.jsonl is
-    readable; an unreadable or malformed file is named in sweep.problems, a missing one is not (older sweeps)."""
-    out = {}
-    for key in sweep.runs[sweep.runs.status == "ok"].key:
-        path = Path(key) / ITEMS_FILE
-        if not path.is_file():
-            continue
-        try:
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            ids = [r["id"] for r in rows]
-            correct = [r["correct_strict"] for r in rows]
-            if not all(isinstance(c, bool) for c in correct) or not all(isinstance(i, (str, int)) for i in ids):
-                raise ValueError("id must be a string or integer and correct_strict a boolean")
-            if len(set(map(str, ids))) != len(ids):
-                raise ValueError("duplicate item ids")
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            sweep.problems.append(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-            continue
-        out[key] = pd.Series([float(c) for c in correct], index=[str(i) for i in ids])
-    return out
+__all__ = ["LEADERBOARD_COLUMNS", "Sweep", "leaderboard", "load_sweep", "write_report"]  # load_sweep: bench.results
 
 
 # ---- leaderboard -----------------------------------------------------------------------------------------------
@@ -242,7 +130,7 @@ def paired_items_markdown(sweep: Sweep, baseline: str) -> str:
                     f"seed-level intervals above; (n) counts items.", ""]
     if missing:
         lines += [f"{len(missing)} of {len(ok)} ok runs have no readable {ITEMS_FILE} and are left out here.", ""]
-    ranks = sorted({str(r) for r in ok["rank"]}, key=_rank_order)
+    ranks = sorted({str(r) for r in ok["rank"]}, key=rank_order)
     lines += ["| method | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---|" + "---|" * len(ranks)]
     for lab in dict.fromkeys(ok[ok.method != baseline].label):
         cells = []
@@ -290,7 +178,6 @@ def _md_table_to_html(md: str) -> str:
 
 
 def _inline(text: str) -> str:
-    import re
     return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
 
 
@@ -346,14 +233,12 @@ def write_report(sweep_dir: Path, baseline: str | None = None, margin: float | N
     """tables.md, summary.csv, plots/*.png, claims.md and report.html in sweep_dir (the runs are read once).
     baseline: the method others are compared with (default claims.IMPROVEMENT_BASELINE); margin: the equivalence
     margin of the claims, in accuracy units (default claims.DEFAULT_MARGIN)."""
-    from bench.plots import render
     sweep_dir = Path(sweep_dir)
     baseline = baseline or claims_registry.IMPROVEMENT_BASELINE
     sweep = load_sweep(sweep_dir)
     if sweep.runs.empty:
         return sweep, {}
-    atomic_write_text(sweep_dir / "summary.csv",  # as collect
-                      sweep.runs[SUMMARY_COLUMNS + IDENTITY_COLUMNS + PROTOCOL_COLUMNS].to_csv(index=False))
+    atomic_write_text(sweep_dir / "summary.csv", summary_table(sweep.runs).to_csv(index=False))  # as collect
     tables_md = "\n".join([markdown_tables(sweep.runs), aggregates_markdown(sweep, baseline),
                            paired_items_markdown(sweep, baseline)])
     claims = claims_registry.check_claims(sweep.runs, margin=margin)

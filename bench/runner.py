@@ -1,32 +1,45 @@
 """One run: RunSpec -> trained policy -> run directory (config.json, metrics.jsonl, summary.json).
 
 Data flow: task (prompts + reward) -> method (policy) -> TRL GRPOTrainer (engine) -> bench.metrics.
-Interrupted runs resume from the last checkpoint (every `checkpoint_every` steps); finished runs are skipped.
+A run's phases, one function each: prepare (model, the method's policy, the eval set), the base eval, resume (the
+last checkpoint and its metrics rows), train (the trainer, to the step budget or a stop request), the final eval,
+and summarize (the summary.json fields, bench.results). Interrupted runs resume from the last checkpoint (every
+`checkpoint_every` steps); finished runs are skipped.
 """
 from __future__ import annotations
 
 import math
 import os
-import platform
 import shutil
-import subprocess
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from bench.device import PeakMemory, resolve_device
+from bench.engine import make_trainer
 from bench.errors import BenchError
+from bench.evaluate import evaluate_run
+from bench.generation import greedy_accuracy
 from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
+from bench.metrics import PROBE_SAMPLING, InitialPolicy, ProbeSet
+from bench.models import cache_root, load_policy, uses_chat_template
+from bench.parallel import forward_threads, run_threads
+from bench.policy import InitKLToBase, build_policy, trainable_parameters, trained_set
+from bench.provenance import git_sha, run_machine, versions
+from bench.results import DONE, identity, outcome
 from bench.runlock import RunHeld, run_lock
-from bench.metrics import PROBE_SAMPLING
 from bench.spec import RunSpec, stored_key
-from bench.threads import env_threads, torch_threads
-
-DONE = ("ok", "diverged")  # finished states; a `failed` run is retried when the sweep is re-run
-
+from bench.threads import torch_threads
+from methods import Method, get_method
+from tasks import chat_prompt, get_task, plain_prompt
 
 class Diverged(Exception):
     pass
@@ -36,71 +49,20 @@ class Preempted(Exception):
     """Training stopped on request (SLURM preemption or time limit) after saving a checkpoint."""
 
 
-# Set (e.g. by a SLURM signal handler) to ask the running run to stop at the end of the current generation batch,
-# save a checkpoint there, and return with status `preempted`; re-running the run resumes from that checkpoint.
-STOP_REQUESTED = threading.Event()
+# Set by request_stop (e.g. from a SLURM signal handler) to ask the running run to stop at the end of the current
+# generation batch, save a checkpoint there, and return with status `preempted`; re-running the run resumes from
+# that checkpoint.
+_STOP_REQUESTED = threading.Event()
 
 
-def versions() -> dict:
-    import peft
-    import transformers
-    import trl
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "peft": peft.__version__, "bench": __import__("bench").__version__}
+def request_stop() -> None:
+    """Ask the run in progress to stop at its next generation-batch boundary, with a checkpoint (safe in a signal
+    handler)."""
+    _STOP_REQUESTED.set()
 
 
-def git_sha() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-class PeakMemory:
-    """Peak memory of one run: GPU max allocated on CUDA; on CPU the process's resident set, sampled every 20 ms
-    (ru_maxrss would carry an earlier run's peak over to every later run of an in-process sweep)."""
-
-    def __init__(self, device: str):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    def __enter__(self):
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            import psutil
-            process = psutil.Process()
-
-            def sample():
-                while not self._stop.wait(0.02):
-                    self.peak = max(self.peak, process.memory_info().rss)
-            self.peak = process.memory_info().rss
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.startswith("cuda"):
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-        return False
-
-    @property
-    def mb(self) -> float:
-        return round(self.peak / 2**20, 1)
+def clear_stop_request() -> None:
+    _STOP_REQUESTED.clear()
 
 
 class MetricsCallback(TrainerCallback):
@@ -138,14 +100,13 @@ class MetricsCallback(TrainerCallback):
             raise Diverged(f"parameters not finite after step {state.global_step}")
         row = {"step": state.global_step}
         with self.trainer.timed("metrics"), torch_threads(self.trainer.forward_threads):
-            row.update(self.trainer.step_metrics)
+            row.update(self.trainer.pop_step_metrics())  # a method's (bench.engine's contract), then ours
             row.update(self.trainer.step_kl.after_step(model))
             if state.global_step % self.spec.probe_every == 0 or state.global_step == state.max_steps:
                 row.update(self.probe.measure(model, self.tokenizer, self.reference))
-        self.trainer.step_metrics = {}
         # A stop request takes effect at a generation-batch boundary: TRL does not checkpoint its buffered
         # rollouts, so resuming there gives exactly the run that was not interrupted.
-        if STOP_REQUESTED.is_set() and state.global_step % (args.steps_per_generation //
+        if _STOP_REQUESTED.is_set() and state.global_step % (args.steps_per_generation //
                                                             args.gradient_accumulation_steps) == 0:
             control.should_save = control.should_training_stop = True
             self.stopped_at = state.global_step
@@ -214,80 +175,7 @@ def eval_memo_dir() -> Path | None:
     evals/ folder; BENCH_EVAL_MEMO=0 turns it off."""
     if os.environ.get("BENCH_EVAL_MEMO", "1") == "0":
         return None
-    from bench.models import cache_root
     return cache_root() / "evals"
-
-
-def run_threads(spec: RunSpec) -> int | None:
-    """Torch threads for a run: BENCH_NUM_THREADS if set; else 1 for a model under 50M parameters on CPU (see
-    bench.sweep.default_threads), wherever the run happens; else None (the process's setting)."""
-    if pinned := env_threads("BENCH_NUM_THREADS"):
-        return pinned
-    from bench.sweep import default_threads
-    try:
-        return default_threads([spec])
-    except BenchError:  # the model's configuration is unreadable: the run itself will say why
-        return None
-
-
-# The cores this process may use for one run's forward passes: None = all of them (sweep._worker_init sets a
-# parallel worker's share).
-FORWARD_CORES: int | None = None
-MAX_FORWARD_THREADS = 4  # a cap, not a measurement: only 1 vs 2 threads was timed (bench.perf, README)
-
-
-def forward_threads(spec: RunSpec, model, tokenizer, prompts: list) -> int | None:
-    """Threads for the run's forward passes (rollout generation, old and reference log-probs, the training forward,
-    greedy evals, metric forwards) where a small model runs with one thread (run_threads): the run's free cores.
-    Backward passes keep the run's one thread: LoRA weight gradients sum over tokens, and those sums are split
-    across threads. Used only where forward_is_thread_invariant holds on this model and machine, so the metrics stay
-    those of the same run inside a parallel sweep. None: no split."""
-    if pinned := env_threads("BENCH_FORWARD_THREADS"):
-        return pinned
-    if env_threads("BENCH_NUM_THREADS") or run_threads(spec) != 1:
-        return None
-    from bench.sweep import cpu_count
-    n = min(FORWARD_CORES or cpu_count(), MAX_FORWARD_THREADS)
-    if n <= 1 or not forward_is_thread_invariant(model, tokenizer, prompts, n, spec.temperature):
-        return 1
-    return n
-
-
-def forward_is_thread_invariant(model, tokenizer, prompts: list, n: int, temperature: float = 1.0) -> bool:
-    """Whether forwards on n threads give this model's one-thread floats, checked bitwise on what the run does: a
-    short greedy generation (adapters folded, as for rollouts and evals) and a logits forward; and TRL's training
-    path, the backbone forward with gradients and TRL's fused log-prob head (pinned trl 1.16), on n threads, with
-    its backward on one thread: log-probs, entropies and every gradient."""
-    from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
-
-    from bench.generation import eval_mode, generate
-    prompts = list(prompts)[:64]  # a generation batch's worth of rows
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone, head = base.get_decoder(), base.get_output_embeddings()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def once(threads):
-        with torch_threads(threads), torch.no_grad():
-            texts, out = generate(model, tokenizer, prompts, max_new_tokens=8, greedy=True, batch_size=len(prompts))
-            prompt_ids, prompt_mask, completion_ids = out["batches"][0]
-            ids = torch.cat([prompt_ids, completion_ids], 1)
-            mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
-            with eval_mode(model):
-                logits = model(input_ids=ids, attention_mask=mask).logits
-        rows = slice(0, 16)  # a micro-batch
-        with eval_mode(model), torch.enable_grad():
-            with torch_threads(threads):
-                hidden = backbone(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state[:, :-1]
-                fused = _ChunkedLogProbFunction.apply(
-                    hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, ids[rows, 1:].reshape(-1),
-                    temperature, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, OPTIONAL_OUTPUTS)
-            loss = (fused[0] * mask[rows, 1:].reshape(-1)).sum() + fused[1].sum()
-            grads = torch.autograd.grad(loss, trainable) if trainable and loss.requires_grad else ()
-        return texts, [logits, *(t for t in fused if t is not None), *grads]
-
-    (texts_1, tensors_1), (texts_n, tensors_n) = once(1), once(n)
-    return texts_1 == texts_n and all(torch.equal(a, b) for a, b in zip(tensors_1, tensors_n))
 
 
 def check_run_dir(spec: RunSpec, run_dir: Path) -> dict | None:
@@ -332,13 +220,11 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
             with torch_threads(run_threads(spec)):  # before config.json records the thread count
                 return _run_one(spec, run_dir, progress, position, bar)
     except RunHeld as held:
-        return {"run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed,
-                "status": "held", "error": f"being run by another process ({held.holder}); left to it"}
+        return outcome(spec, "held", f"being run by another process ({held.holder}); left to it")
 
 
 def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -> dict:
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
-    from methods import get_method
     method = get_method(spec.method)
     atomic_write_json(config_path, {
         "spec": spec.to_dict(), "spec_key": spec.key(), "run_id": spec.run_id,
@@ -348,16 +234,13 @@ def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -
                    "params": method.resolve_params(spec.method_params),
                    "grpo_overrides": method.grpo_overrides},
         "metrics": {"temperature": spec.temperature, "probe_sampling": PROBE_SAMPLING},
-        "versions": versions(), "git_sha": git_sha(), "machine": {"platform": platform.platform(),
-                                                                   "cpus": os.cpu_count(),
-                                                                   "torch_threads": torch.get_num_threads()}})
+        "versions": versions(), "git_sha": git_sha(), "machine": run_machine()})
     t0 = time.perf_counter()
-    summary = {"run_id": spec.run_id, "method": spec.method, "rank": str(spec.rank), "seed": spec.seed}
+    summary = identity(spec)
     try:
         summary.update(_train(spec, method, run_dir, progress, position, bar))
         summary["status"] = "ok"
         if spec.final_eval == "lm-eval":
-            from bench.evaluate import evaluate_run
             summary["lm_eval"] = evaluate_run(run_dir, write=False)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     except Diverged as e:
@@ -407,7 +290,7 @@ def _aggregate(rows: list[dict]) -> dict:
     return out
 
 
-def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, bar=None) -> dict:
+def _train(spec: RunSpec, method: Method, run_dir: Path, progress: bool, position: int, bar=None) -> dict:
     device = resolve_device(spec.device)
     with PeakMemory(device) as memory:
         out = _train_measured(spec, method, run_dir, progress, position, device, bar)
@@ -415,74 +298,86 @@ def _train(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, 
     return out
 
 
-def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, position: int, device: str,
-                    bar=None) -> dict:
-    from datasets import Dataset
-    from tqdm.auto import tqdm
+# ---- the phases of a run ---------------------------------------------------------------------------------------
 
-    from bench.engine import make_trainer
-    from bench.generation import greedy_accuracy
-    from bench.metrics import InitialPolicy, ProbeSet
-    from bench.models import load_policy, uses_chat_template
-    from bench.policy import InitKLToBase, build_policy, trainable_parameters, trained_set
-    from tasks import chat_prompt, get_task, plain_prompt
+@dataclass
+class Prepared:
+    """A policy ready to train: the loaded model with the method's adapter (or full fine-tuning) built on it."""
+    method: Method
+    params: dict           # the method's resolved parameters
+    policy: object
+    tokenizer: object
+    to_prompt: Callable    # question -> prompt (the chat template where the tokenizer has one)
+    residual: bool         # the initializer wrote W - s*B0*A0 into the base weights (SVD inits)
+    init_seconds: float    # building the policy (the adapter's initialization)
+    init_kl: dict          # KL(pi_0 || base) for residual inits (bench.policy.InitKLToBase), else {}
 
-    t_setup = time.perf_counter()
-    task = get_task(spec.task, **spec.task_params)
-    model, tokenizer = load_policy(spec.model, device=device, progress=progress)
+    @property
+    def chat(self) -> bool:
+        return self.to_prompt is chat_prompt
+
+
+def prepare(spec: RunSpec, method: Method, device: str, progress: bool = True, model: str | None = None,
+            attn: str | None = None, init_kl_questions: list[str] = ()) -> Prepared:
+    """Load the model (spec.model unless `model`) and build the method's policy on it with the spec's rank, alpha,
+    dropout and seed. init_kl_questions: where KL(pi_0 || base) is measured for residual inits. Used by runs and
+    by `bench perf`, so both start from the same policy."""
+    base, tokenizer = load_policy(model or spec.model, device=device, progress=progress, attn=attn)
     to_prompt = chat_prompt if uses_chat_template(tokenizer) else plain_prompt
-    train, evals = task.training_examples(spec.eval_split), task.examples(spec.eval_split)  # dev: bench.tune
-    if spec.eval_size is not None:
-        evals = evals[:spec.eval_size]
-    probe_examples = evals[:spec.probe_size]
-
     params = method.resolve_params(spec.method_params)
-    init_kl = InitKLToBase(model, method, spec.rank, params, tokenizer,  # SVD inits: pi_0 vs base (bf16 rounding)
-                           [to_prompt(e.question) for e in probe_examples], spec.temperature)
+    init_kl = InitKLToBase(base, method, spec.rank, params, tokenizer,  # SVD inits: pi_0 vs base (bf16 rounding)
+                           [to_prompt(q) for q in init_kl_questions], spec.temperature)
     t_init = time.perf_counter()
-    policy = build_policy(model, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout,
+    policy = build_policy(base, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout,
                           spec.use_rslora)
     init_seconds = time.perf_counter() - t_init
-    residual = spec.rank != "full" and method.modifies_base(params)  # base weights now hold W - s*B0*A0
-    adapter_init_dir = run_dir / "adapter_init"
-    if residual and not adapter_init_dir.exists():
-        policy.save_pretrained(adapter_init_dir)  # the initial adapter: to convert the trained one for reload
-    reference = InitialPolicy(policy)
-    init_kl = init_kl.measure(policy)
-    eval_prompts, eval_golds = [to_prompt(e.question) for e in evals], [e.gold for e in evals]
-    eval_ids = [e.id if e.id is not None else str(i) for i, e in enumerate(evals)]  # stable across runs: paired stats
-    eval_tokens = spec.max_completion_length
-    fwd_threads = forward_threads(spec, policy, tokenizer, eval_prompts)
-    t_eval = time.perf_counter()
-    with torch_threads(fwd_threads):
-        base = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch,
-                               memo_dir=eval_memo_dir(), ids=eval_ids)  # shared by runs starting from these weights
-    atomic_write_jsonl(run_dir / "eval_base.jsonl", base["items"])
-    eval_seconds = time.perf_counter() - t_eval
+    return Prepared(method=method, params=params, policy=policy, tokenizer=tokenizer, to_prompt=to_prompt,
+                    residual=spec.rank != "full" and method.modifies_base(params), init_seconds=init_seconds,
+                    init_kl=init_kl.measure(policy))
 
-    dataset = Dataset.from_list([{"prompt": to_prompt(e.question), "gold": e.gold} for e in train])
+
+@dataclass
+class EvalSet:
+    """The eval problems as prompts, with their gold answers and stable item ids (paired statistics)."""
+    prompts: list
+    golds: list
+    ids: list
+
+    @classmethod
+    def of(cls, examples: list, to_prompt: Callable) -> "EvalSet":
+        return cls([to_prompt(e.question) for e in examples], [e.gold for e in examples],
+                   [e.id if e.id is not None else str(i) for i, e in enumerate(examples)])
+
+
+def greedy_eval(spec: RunSpec, prep: Prepared, evals: EvalSet, threads: int | None, memo_dir: Path | None = None):
+    """The greedy eval of the policy as it is now (bench.generation.greedy_accuracy); memo_dir: memoize (only for
+    the base policy, which runs starting from the same weights share)."""
+    with torch_threads(threads):
+        return greedy_accuracy(prep.policy, prep.tokenizer, evals.prompts, evals.golds, spec.max_completion_length,
+                               spec.eval_batch, memo_dir=memo_dir, ids=evals.ids)
+
+
+def resume_point(run_dir: Path) -> tuple[Path | None, list[dict]]:
+    """(the last complete checkpoint, the metrics rows up to its step); (None, []) for a fresh start."""
     metrics_path = run_dir / "metrics.jsonl"
     checkpoint = _latest_checkpoint(run_dir)
-    rows = []
-    if checkpoint is not None and metrics_path.is_file():
-        done = int(checkpoint.name.split("-")[-1])
-        rows = [r for r in read_jsonl(metrics_path) if r["step"] <= done]
-    else:
-        checkpoint = None
-    done_steps = max((r["step"] for r in rows), default=0)
-    if bar is None:
-        bar = tqdm(total=spec.steps, initial=done_steps, desc=spec.run_id, position=position, leave=False,
-                   disable=not progress)
-    elif done_steps:
-        bar.update(done_steps)
-    probe = ProbeSet([to_prompt(e.question) for e in probe_examples], spec.max_completion_length, seed=spec.seed,
-                     temperature=spec.temperature)
-    callback = MetricsCallback(metrics_path, probe, reference, tokenizer, spec, rows, bar)
-    trainer = make_trainer(spec, method, params, policy, tokenizer, dataset, str(run_dir / "checkpoints"),
-                           chat=to_prompt is chat_prompt, device=device, callbacks=[callback],
-                           log_path=run_dir / "run.log", forward_threads=fwd_threads)
+    if checkpoint is None or not metrics_path.is_file():
+        return None, []
+    done = int(checkpoint.name.split("-")[-1])
+    return checkpoint, [r for r in read_jsonl(metrics_path) if r["step"] <= done]
+
+
+def build_trainer(spec: RunSpec, prep: Prepared, run_dir: Path, dataset, device: str, callback, threads):
+    """The run's trainer (bench.engine.make_trainer) with the metrics callback, checkpointing into run_dir."""
+    trainer = make_trainer(spec, prep.method, prep.params, prep.policy, prep.tokenizer, dataset,
+                           str(run_dir / "checkpoints"), chat=prep.chat, device=device, callbacks=[callback],
+                           log_path=run_dir / "run.log", forward_threads=threads)
     callback.trainer = trainer
-    setup_seconds = time.perf_counter() - t_setup - init_seconds - eval_seconds
+    return trainer
+
+
+def train(spec: RunSpec, trainer, callback, checkpoint: Path | None, done_steps: int, bar) -> None:
+    """Train to spec.steps from `checkpoint` (or the start); Preempted where a stop request ended it earlier."""
     try:
         if done_steps >= spec.steps:
             # The budget was trained before the process died (in the final eval or while saving): only load the
@@ -495,22 +390,70 @@ def _train_measured(spec: RunSpec, method, run_dir: Path, progress: bool, positi
         bar.close()
     if callback.stopped_at is not None and callback.stopped_at < spec.steps:
         raise Preempted(f"stopped at step {callback.stopped_at} on request; checkpoint saved, re-run to resume")
-    t_eval = time.perf_counter()
-    with torch_threads(fwd_threads):
-        final = greedy_accuracy(policy, tokenizer, eval_prompts, eval_golds, eval_tokens, spec.eval_batch,
-                                ids=eval_ids)
-    atomic_write_jsonl(run_dir / "eval_final.jsonl", final["items"])
-    eval_seconds += time.perf_counter() - t_eval
-    save_trained(policy, run_dir, residual)
+
+
+def summarize(rows: list[dict], base: dict, final: dict, prep: Prepared, *, device: str, threads: int | None,
+              checkpoint: Path | None, seconds: dict, method_summary: dict) -> dict:
+    """The summary.json fields of a finished training (bench.results.RUN_FIELDS, then the method's own fields);
+    seconds: eval, init and setup seconds."""
     out = _aggregate(rows)
     out.update({
         "status": "ok", "accuracy_base": base["accuracy"], "accuracy": final["accuracy"],
         "accuracy_gain": final["accuracy"] - base["accuracy"], "accuracy_base_memoized": base["memoized"],
         "accuracy_flexible_base": base["accuracy_flexible"], "accuracy_flexible": final["accuracy_flexible"],
-        "eval_n": base["n"], "eval_seconds": round(eval_seconds, 3), "init_seconds": round(init_seconds, 4),
-        "setup_seconds": round(setup_seconds, 3), "forward_threads": fwd_threads or torch.get_num_threads(),
-        "trainable_params": trainable_parameters(policy), "trained_set": trained_set(policy), **init_kl,
-        "device": device, "resumed_from": checkpoint.name if checkpoint else None,
+        "eval_n": base["n"], "eval_seconds": round(seconds["eval"], 3), "init_seconds": round(seconds["init"], 4),
+        "setup_seconds": round(seconds["setup"], 3), "forward_threads": threads or torch.get_num_threads(),
+        "trainable_params": trainable_parameters(prep.policy), "trained_set": trained_set(prep.policy),
+        **prep.init_kl, "device": device, "resumed_from": checkpoint.name if checkpoint else None,
     })
-    out.update(trainer.method_summary)
+    out.update(method_summary)
     return out
+
+
+def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool, position: int, device: str,
+                    bar=None) -> dict:
+    # prepare: the task, the policy, the initial policy kept for kl_ref, the eval set and its base accuracy
+    t_setup = time.perf_counter()
+    task = get_task(spec.task, **spec.task_params)
+    # a run evaluated on dev (a tuning trial, bench.tune) trains without the dev items
+    train_examples, evals = task.training_examples(spec.eval_split), task.examples(spec.eval_split)
+    if spec.eval_size is not None:
+        evals = evals[:spec.eval_size]
+    probe_questions = [e.question for e in evals[:spec.probe_size]]
+    prep = prepare(spec, method, device, progress, init_kl_questions=probe_questions)
+    adapter_init_dir = run_dir / "adapter_init"
+    if prep.residual and not adapter_init_dir.exists():
+        prep.policy.save_pretrained(adapter_init_dir)  # the initial adapter: to convert the trained one for reload
+    reference = InitialPolicy(prep.policy)
+    eval_set = EvalSet.of(evals, prep.to_prompt)
+    fwd_threads = forward_threads(spec, prep.policy, prep.tokenizer, eval_set.prompts)
+    t_eval = time.perf_counter()
+    base = greedy_eval(spec, prep, eval_set, fwd_threads, memo_dir=eval_memo_dir())  # shared by runs from these weights
+    atomic_write_jsonl(run_dir / "eval_base.jsonl", base["items"])
+    eval_seconds = time.perf_counter() - t_eval
+
+    # resume, then train
+    dataset = Dataset.from_list([{"prompt": prep.to_prompt(e.question), "gold": e.gold} for e in train_examples])
+    checkpoint, rows = resume_point(run_dir)
+    done_steps = max((r["step"] for r in rows), default=0)
+    if bar is None:
+        bar = tqdm(total=spec.steps, initial=done_steps, desc=spec.run_id, position=position, leave=False,
+                   disable=not progress)
+    elif done_steps:
+        bar.update(done_steps)
+    probe = ProbeSet([prep.to_prompt(q) for q in probe_questions], spec.max_completion_length, seed=spec.seed,
+                     temperature=spec.temperature)
+    callback = MetricsCallback(run_dir / "metrics.jsonl", probe, reference, prep.tokenizer, spec, rows, bar)
+    trainer = build_trainer(spec, prep, run_dir, dataset, device, callback, fwd_threads)
+    setup_seconds = time.perf_counter() - t_setup - prep.init_seconds - eval_seconds
+    train(spec, trainer, callback, checkpoint, done_steps, bar)
+
+    # evaluate, save, summarize
+    t_eval = time.perf_counter()
+    final = greedy_eval(spec, prep, eval_set, fwd_threads)
+    atomic_write_jsonl(run_dir / "eval_final.jsonl", final["items"])
+    eval_seconds += time.perf_counter() - t_eval
+    save_trained(prep.policy, run_dir, prep.residual)
+    return summarize(rows, base, final, prep, device=device, threads=fwd_threads, checkpoint=checkpoint,
+                     seconds={"eval": eval_seconds, "init": prep.init_seconds, "setup": setup_seconds},
+                     method_summary=trainer.method_summary)

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from bench.errors import BenchError
 from bench.io import atomic_write_json, read_json
+from bench.results import read_summary as read_run_summary
 from bench.runlock import held_by
+from bench.spec import RunSpec
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "slurm"
 # profile field -> (type check, submitit parameter)
@@ -78,13 +80,12 @@ class RunTask:
     requeues this same call, which resumes from it."""
 
     def __call__(self, spec: dict, run_dir: str) -> dict:
-        from bench import runner
-        from bench.spec import RunSpec
+        from bench import runner  # torch and TRL: imported in the array task only, not by `bench status`
 
-        # torch's thread count is chosen by run_one as in a local run (runner.run_threads): CPU float sums depend
+        # torch's thread count is chosen by run_one as in a local run (parallel.run_threads): CPU float sums depend
         # on it, and a SLURM sweep must reproduce a local one bit for bit
         submitit_handler = signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, lambda *_: runner.STOP_REQUESTED.set())
+        signal.signal(signal.SIGUSR2, lambda *_: runner.request_stop())
         summary = runner.run_one(RunSpec.from_dict(spec), Path(run_dir), progress=False)
         if summary.get("status") == "preempted" and callable(submitit_handler):
             submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
@@ -169,6 +170,21 @@ def submit(specs, out: Path, profile: dict) -> dict:
     return record
 
 
+def to_submit(specs, out: Path, resume: bool) -> list:
+    """The runs of the grid to submit: all but those finished (ok, diverged), pending or running. Runs already pending
+    or running are an error without `resume`, and so are runs whose state SLURM cannot tell (nothing is submitted)."""
+    states = {r["run_id"]: r["state"] for r in sweep_status(out)}
+    unknown = [s.run_id for s in specs if states.get(s.run_id) == "unknown"]
+    if unknown:
+        raise BenchError(f"{out}: cannot tell whether {len(unknown)} submitted run(s) are still queued "
+                         f"(e.g. {unknown[0]}): sacct and squeue failed; nothing submitted")
+    active = [s.run_id for s in specs if states.get(s.run_id) in ("pending", "running")]
+    if active and not resume:
+        raise BenchError(f"{out}: {len(active)} run(s) already pending or running under SLURM "
+                         f"(e.g. {active[0]}); use --resume to submit only what is missing")
+    return [s for s in specs if states.get(s.run_id) not in ("ok", "diverged", "pending", "running")]
+
+
 def read_record(out: Path) -> dict:
     """SWEEP/slurm_jobs.json ({} when absent); a corrupt one is a one-line error naming it."""
     path = Path(out) / RECORD
@@ -189,15 +205,8 @@ def read_record(out: Path) -> dict:
 
 def read_summary(path: Path) -> tuple[dict, str | None]:
     """(summary, problem): a run's summary.json ({} when absent), or ({}, why) when it cannot be read as one."""
-    from bench.sweep import summary_problem
-    if not path.is_file():
-        return {}, None
-    try:
-        summary = read_json(path)
-    except (OSError, ValueError) as e:
-        return {}, f"unreadable ({type(e).__name__}: truncated or not JSON)"
-    why = summary_problem(summary)
-    return ({}, why) if why else (summary, None)
+    summary, why = read_run_summary(path)
+    return summary or {}, why
 
 
 # sacct/squeue state -> bench state (for runs whose directory holds no final summary)
@@ -251,7 +260,8 @@ def scheduler_states(array_ids: list[str]) -> tuple[dict[str, str], str | None]:
 
 def sweep_status(out: Path) -> list[dict]:
     """One row per run: run_id, state (pending | running | ok | failed | diverged | preempted; running also for a
-    local run whose lock a process holds; unfinished: a local run started without a final record that nobody runs; unreadable: its summary.json is damaged and no SLURM job holds it; unknown when
+    local run whose lock a process holds; unfinished: a local run started without a final record that nobody runs;
+    unreadable: its summary.json is damaged (bench.results.read_summary) and no SLURM job holds it; unknown when
     SLURM cannot be asked about a run without a final record), job_id, detail."""
     out = Path(out)
     record = read_record(out)

@@ -134,40 +134,59 @@ def check_reward(reward) -> None:
         raise BenchError("bad reward: the correct and format weights are both 0 (nothing to learn from)")
 
 
+def _setting(default=None, help: str = "", factory=None, settable: bool = True):
+    """A RunSpec field with its default and its help (TRL's GRPOConfig style): `bench run --help` lists every field
+    that `--set` may change, with this help (bench.settings). settable=False: written by the harness only."""
+    meta = {"help": help, "settable": settable}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    method: str
-    rank: int | str
-    seed: int = 0
-    task: str = "synth-gsm"
-    task_params: dict = field(default_factory=dict)
-    model: str = "tiny"
-    steps: int = 40
-    lr: float = 1e-3
-    alpha: float | None = None          # older spelling of lora_scaling fixed:N; folded into it (always None after)
-    method_params: dict = field(default_factory=dict)  # overrides of the method's parameters (e.g. rho)
-    num_generations: int = 8            # G completions per prompt
-    micro_batch: int = 16               # completions per micro-batch
-    grad_accum: int = 2                 # micro-batches per optimizer step (2 steps per generation batch)
-    max_completion_length: int = 64      # longest synth-gsm solution: 62 tokens with EOS
-    temperature: float = 1.0            # rollout sampling temperature (TRL also scales training logits by it)
-    eval_size: int | None = None        # None: the whole eval split
-    # greedy-eval prompts decoded together, sorted by length and left-padded to the batch's longest; padding may move
-    # a float's last bits, so completions are a function of it (bench.generation)
-    eval_batch: int = 64
-    probe_size: int = 16
-    probe_every: int = 20
-    kl_step_seqs: int = 8
-    checkpoint_every: int = 10
-    reward: dict = field(default_factory=lambda: {"correct": 1.0, "format": 0.0, "extraction": "strict"})
-    device: str = "auto"
-    lora_dropout: float = 0.0
-    final_eval: str = "none"            # "lm-eval": also evaluate the trained policy with lm-eval (summary.lm_eval)
-    grpo: dict = field(default_factory=dict)  # extra GRPOConfig settings by TRL name (e.g. lr_scheduler_type)
-    generation_backend: str = "transformers"  # rollouts: the model's generate, or TRL's colocated vLLM (GPU, optional)
-    lora_scaling: str = "rank"          # rank (alpha = r) | fixed:N | rslora[:N] (bench.scaling); canonical spelling
-    eval_split: str = "eval"            # the split evaluated: eval, or dev (learning-rate tuning trials, bench.tune)
-    tuning: dict = field(default_factory=dict)  # how lr was selected (bench.tune); empty: lr was set, not tuned
+    """Everything that determines one run. A new run setting is one field here, with its default and help: it is then
+    a `--set` key, a `set:` key of presets and --config files, part of the run's key and config.json."""
+    method: str = field(metadata={"help": "method name, a grid axis (--methods)"})
+    rank: int | str = field(metadata={"help": "LoRA rank or 'full', a grid axis (--ranks)"})
+    seed: int = _setting(0, "seed, a grid axis (--seeds)")
+    task: str = _setting("synth-gsm", "task name (--task)")
+    task_params: dict = _setting(help="the task's parameters (--task-param)", factory=dict)
+    model: str = _setting("tiny", "'tiny' (embedded) or a Hugging Face id / local path (--model)")
+    steps: int = _setting(40, "optimizer steps per run")
+    lr: float = _setting(1e-3, "learning rate")
+    alpha: float | None = _setting(None, "LoRA alpha at every rank: the older spelling of lora_scaling fixed:N, folded "
+                                         "into it (always unset after)")
+    method_params: dict = _setting(help="overrides of the method's parameters, e.g. rho (--method-param)",
+                                   factory=dict)
+    num_generations: int = _setting(8, "G: completions per prompt (the GRPO group)")
+    micro_batch: int = _setting(16, "completions per micro-batch")
+    grad_accum: int = _setting(2, "micro-batches per optimizer step (a generation batch feeds 2 optimizer steps)")
+    max_completion_length: int = _setting(64, "completion budget in tokens (the longest synth-gsm solution: 62 "
+                                              "tokens with EOS)")
+    temperature: float = _setting(1.0, "rollout sampling temperature (TRL also scales training logits by it)")
+    eval_size: int | None = _setting(None, "evaluate on the first N eval problems; unset: the whole eval split")
+    # padding may move a float's last bits, so completions are a function of the batch (bench.generation)
+    eval_batch: int = _setting(64, "greedy-eval prompts decoded together, sorted by length and left-padded to the "
+                                   "batch's longest")
+    probe_size: int = _setting(16, "held-out prompts of the probe set (kl_ref, entropy_probe)")
+    probe_every: int = _setting(20, "optimizer steps between probe-set measurements (also at the end)")
+    kl_step_seqs: int = _setting(8, "rollouts per step on which kl_step is measured")
+    checkpoint_every: int = _setting(10, "optimizer steps between checkpoints (an interrupted run resumes there)")
+    reward: dict = _setting(help="reward weights and extraction, e.g. {correct: 1, format: 0.2, extraction: "
+                                 "flexible}", factory=lambda: {"correct": 1.0, "format": 0.0, "extraction": "strict"})
+    device: str = _setting("auto", "auto | cpu | cuda | cuda:N (--device)")
+    lora_dropout: float = _setting(0.0, "LoRA dropout")
+    final_eval: str = _setting("none", "lm-eval: also evaluate the trained policy with lm-eval (summary.lm_eval)")
+    grpo: dict = _setting(help="extra TRL GRPOConfig settings by name, e.g. {lr_scheduler_type: cosine}; those the "
+                               "harness or the method owns are refused", factory=dict)
+    generation_backend: str = _setting("transformers", "rollouts: transformers (the model's generate) or vllm "
+                                                       "(TRL's colocated vLLM; CUDA, optional)")
+    lora_scaling: str = _setting("rank", "LoRA scaling rule: rank (alpha = r), fixed:N (alpha = N) or rslora[:N] "
+                                         "(alpha N / sqrt(r), N default 4); bench.scaling")
+    eval_split: str = _setting("eval", "the split evaluated: eval, or dev (learning-rate tuning trials, bench.tune)")
+    tuning: dict = _setting(help="how lr was selected (written by bench run --tune); empty: lr was set, not tuned",
+                            factory=dict, settable=False)
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or parse_rank(self.rank) != self.rank:

@@ -1,9 +1,12 @@
 """torch's intra-op thread count for a block of work (CPU float sums depend on it)."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
+
+from bench.errors import BenchError
 
 
 @contextmanager
@@ -20,9 +23,6 @@ def torch_threads(n: int | None):
 
 def env_threads(name: str) -> int | None:
     """A thread count from the environment (BENCH_NUM_THREADS, BENCH_FORWARD_THREADS): None where unset."""
-    import os
-
-    from bench.errors import BenchError
     value = os.environ.get(name, "").strip()
     if not value:
         return None

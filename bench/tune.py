@@ -292,9 +292,10 @@ def write_selection(rows: list[dict], cfg: TuneConfig, tuning_dir: Path) -> None
     atomic_write_text(tuning_dir / "selection.md", selection_markdown(rows, cfg))
 
 
-def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path) -> int:
-    """bench run --tune: trials, selection, final runs (local), or the same in two SLURM arrays."""
-    from bench.cli import check_existing_runs, parse_jobs
+def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path, submit=None) -> int:
+    """bench run --tune: trials, selection, final runs (local), or the same in two SLURM arrays through `submit`
+    (bench.cli.submit_to_slurm: bench run's own submission, passed in by the command layer)."""
+    from bench.preflight import check_existing_runs, parse_jobs
     cfg = parse_config(options, specs)
     grouped, trials = plan(specs, cfg)
     tuning_dir = out / TUNING_DIR
@@ -305,7 +306,7 @@ def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path) -> int:
     print(f"selection rule: {RULES[cfg.metric]}")
     t0 = time.perf_counter()
     if args.executor == "slurm":
-        if not _slurm_phase(args, trials, tuning_dir):
+        if not _slurm_phase(args, trials, tuning_dir, submit):
             return 0
     else:
         from bench.sweep import run_sweep
@@ -327,8 +328,7 @@ def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path) -> int:
     check_existing_runs(finals, out)
     t1 = time.perf_counter()
     if args.executor == "slurm":
-        from bench.cli import submit_to_slurm
-        code = submit_to_slurm(_with(args, resume=True), finals, out)
+        code = submit(_with(args, resume=True), finals, out)
         return code or (1 if unselected else 0)
     from bench.sweep import run_sweep
     df = run_sweep(finals, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, finals))
@@ -347,18 +347,17 @@ def _with(args, **changes):
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-def _slurm_phase(args, trials: list[RunSpec], tuning_dir: Path) -> bool:
+def _slurm_phase(args, trials: list[RunSpec], tuning_dir: Path, submit) -> bool:
     """Submit the trials not finished (as bench run's arrays do); True when every trial is finished, so that the
     final runs can be selected and submitted now."""
     from bench import slurm
-    from bench.cli import submit_to_slurm
 
     def finished() -> bool:
         states = {r["run_id"]: r["state"] for r in slurm.sweep_status(tuning_dir)} if tuning_dir.is_dir() else {}
         return all(states.get(t.run_id) in ("ok", "diverged", "failed") for t in trials)
     if finished():
         return True
-    submit_to_slurm(_with(args, resume=True), trials, tuning_dir)
+    submit(_with(args, resume=True), trials, tuning_dir)
     if finished():
         return True
     print(f"tuning trials are pending or running under SLURM; re-run this command when they are finished "

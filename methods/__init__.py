@@ -2,7 +2,15 @@
 
 - `init_lora_weights` / `adapter_init`: how the adapter starts (PEFT's own initializer, or a custom one);
 - `beta` and `grpo_overrides`: the objective (KL penalty, clipping, loss type);
-- `trainer_hooks`: code installed on the trainer (e.g. PROMA's gradient projection);
+- `trainer_hooks`: code installed on the trainer (e.g. PROMA's gradient projection), through the trainer's declared
+  method contract only (bench.engine's docstring):
+    trainer.add_step_metrics(dict)        this optimizer step's metrics.jsonl values
+    trainer.set_method_summary(**fields)  summary.json fields (trainer.note(message, **fields): also a run.log line)
+    trainer.wrap_compute_loss(wrapper)    wrapper(compute_loss, model, inputs, ...) around each micro-batch's loss
+    install_loss_hook(trainer, hook)      a per-token term added to TRL's per-token loss (bench.engine)
+    trainer.add_reward(func, name, w)     one more weighted reward function
+    trainer.add_callback(callback)        a TrainerCallback; it runs before the harness's callbacks in every event,
+                                          so the metrics row sees what it added at on_step_end;
 - `params` / `check_params`: the method's parameters with their defaults, and their validation;
 - `check_grpo`: validation of the run's effective TRL settings (e.g. PROMA refuses ratio clipping).
 

@@ -1,6 +1,7 @@
 """KL-penalized LoRA GRPO and KL-free LoRA GRPO (Rottman et al., ICML-W 2026, TR2026-092).
 
-Objective (shared/seeds/001): for a group of G completions of one prompt,
+Objective (GRPO: Shao et al. 2024, arXiv 2402.03300, per-sequence token mean; as TRL's loss_type="grpo"):
+for a group of G completions of one prompt,
   A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-4)                                   # group-normalized advantage
   L = -1/G sum_i 1/|y_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta * KL_it ]   # per-seq token mean
   rho_it = pi_theta(y_it | .) / pi_old(y_it | .)                                  # live on the 2nd step of each batch

@@ -57,13 +57,10 @@ CISPO = "MiniMax. MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightni
 
 def add_soft_overlong_punishment(trainer, params: dict) -> None:
     """DAPO eq. 13 as one more reward function (weight 1), appended as TRL itself appends environment rewards."""
-    import torch
     l_max = trainer.args.max_completion_length
     l_cache = int(round(params["overlong_cache_frac"] * l_max))
-    trainer.reward_funcs.append(get_soft_overlong_punishment(max_completion_len=l_max, soft_punish_cache=l_cache))
-    trainer.reward_func_names.append("soft_overlong_punishment_reward")
-    trainer.reward_processing_classes.append(None)
-    trainer.reward_weights = torch.cat([trainer.reward_weights, torch.ones(1)])
+    trainer.add_reward(get_soft_overlong_punishment(max_completion_len=l_max, soft_punish_cache=l_cache),
+                       "soft_overlong_punishment_reward", weight=1.0)
 
 
 def check_dapo(params: dict) -> None:

@@ -1,4 +1,4 @@
-"""Per-step observables of the stabilizers, written into the trainer's `step_metrics` (hence metrics.jsonl).
+"""Per-step observables of the stabilizers, added to the step's metrics.jsonl row (`trainer.add_step_metrics`).
 
 `trl_metrics(names)` copies what TRL 1.16's GRPOTrainer already measures (its `_metrics["train"]`, one entry per
 micro-batch, or per generation batch for completion statistics) as the mean over the optimizer step, under the
@@ -12,29 +12,24 @@ import torch
 from transformers import TrainerCallback
 
 
-def _insert_first(trainer, callback) -> None:
-    # before the harness's metrics callback, which reads step_metrics in its own on_step_end
-    trainer.callback_handler.callbacks.insert(0, callback)
-
-
 class _CopyTRLMetrics(TrainerCallback):
     def __init__(self, trainer, names: dict):
         self.trainer, self.names = trainer, names
 
     def on_step_end(self, args, state, control, **kw):
-        if not hasattr(self.trainer, "step_metrics"):
+        if not hasattr(self.trainer, "add_step_metrics"):  # not bench.engine's trainer: nobody reads them
             return
         logged = self.trainer._metrics["train"]
         for trl_key, name in self.names.items():
             values = [v for v in logged.get(trl_key, []) if v is not None and math.isfinite(v)]
             if values:
-                self.trainer.step_metrics[name] = sum(values) / len(values)
+                self.trainer.add_step_metrics({name: sum(values) / len(values)})
 
 
 def trl_metrics(names: dict):
     """A trainer hook: TRL metric key -> metrics.jsonl column, averaged over each optimizer step."""
     def install(trainer, params):
-        _insert_first(trainer, _CopyTRLMetrics(trainer, names))
+        trainer.add_callback(_CopyTRLMetrics(trainer, names))
     install.__name__ = f"trl_metrics({', '.join(names.values())})"
     return install
 
@@ -45,7 +40,7 @@ CLIP_FRACTIONS = {"clip_ratio/low_mean": "clip_low_frac", "clip_ratio/high_mean"
 
 
 class TokenFraction(TrainerCallback):
-    """selected / valid tokens summed over an optimizer step's micro-batches, as `step_metrics[name]`.
+    """selected / valid tokens summed over an optimizer step's micro-batches, as the step's metric `name`.
     Counts stay device tensors until the step ends (no host sync per micro-batch)."""
 
     def __init__(self, trainer, name: str):
@@ -61,11 +56,11 @@ class TokenFraction(TrainerCallback):
         self.selected = self.total = 0
 
     def on_step_end(self, args, state, control, **kw):
-        if float(self.total) > 0 and hasattr(self.trainer, "step_metrics"):
-            self.trainer.step_metrics[self.name] = float(self.selected) / float(self.total)
+        if float(self.total) > 0 and hasattr(self.trainer, "add_step_metrics"):
+            self.trainer.add_step_metrics({self.name: float(self.selected) / float(self.total)})
 
     @classmethod
     def installed(cls, trainer, name: str) -> "TokenFraction":
         counter = cls(trainer, name)
-        _insert_first(trainer, counter)
+        trainer.add_callback(counter)  # before the harness's callbacks (bench.engine's contract)
         return counter

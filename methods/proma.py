@@ -1,4 +1,4 @@
-"""PROMA: projected microbatch accumulation (Abrahamsen, arXiv 2601.10498; spec: shared/research/papers.md s.1).
+"""PROMA: projected microbatch accumulation (Abrahamsen, arXiv 2601.10498).
 
 Accumulation variant (`proma`, the paper's main method; the author's VeRL fork, dp_actor.py). For every trainable
 weight W (d_out x d_in) of an nn.Linear (LoRA: lora_A and lora_B; rank `full`: the projections) and every
@@ -287,11 +287,11 @@ class _StepStats(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
         self.projector.reset_stats()
 
-    def on_step_end(self, args, state, control, **kw):  # runs before the metrics callback reads step_metrics
-        self.trainer.step_metrics.update(self.projector.stats())
+    def on_step_end(self, args, state, control, **kw):  # before the harness's callbacks (bench.engine's contract)
+        self.trainer.add_step_metrics(self.projector.stats())
 
     def on_train_end(self, args, state, control, **kw):
-        self.trainer.method_summary["proma_weight_hook_calls"] = self.projector.calls
+        self.trainer.set_method_summary(proma_weight_hook_calls=self.projector.calls)
 
 
 NO_CLIP = 1e9  # the author's clip ratios ("pure" runs): a ratio never gets near them
@@ -376,9 +376,7 @@ def _install(trainer, params: dict, intra: bool) -> Projector:
     if not intra and trainer.args.gradient_accumulation_steps == 1:
         trainer.note("one micro-batch per optimizer step: nothing to project (PROMA is plain accumulation here)",
                      proma_nothing_to_project=True)
-    compute_loss = trainer.compute_loss
-
-    def projected_compute_loss(model, inputs, *args, **kwargs):
+    def projected_compute_loss(compute_loss, model, inputs, *args, **kwargs):
         mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         if projector.advantage_free:  # backprop log-prob gradients (advantages 1); the hooks apply the advantages
             projector.begin(mask, inputs["advantages"].detach())
@@ -391,8 +389,8 @@ def _install(trainer, params: dict, intra: bool) -> Projector:
         finally:
             projector.collecting = False
 
-    trainer.compute_loss = projected_compute_loss
-    trainer.callback_handler.callbacks.insert(0, _StepStats(trainer, projector))
+    trainer.wrap_compute_loss(projected_compute_loss)
+    trainer.add_callback(_StepStats(trainer, projector))
     trainer.proma = projector
     return projector
 

@@ -7,7 +7,7 @@ dtype remains: nothing in fp32 (float summation order aside); in bf16 an error o
 entry of W - s*B*A, which no rank-r adapter can absorb. The harness measures the resulting KL(pi_0 || base) and
 records it in summary.json (init_kl_to_base; bench.policy.build_policy_measured).
 
-GeoRA (Zhang et al., ACL 2026, arXiv 2601.09361; no public code; spec: shared/research/papers.md section 2):
+GeoRA (Zhang et al., ACL 2026, arXiv 2601.09361; no public code; the formulas are the paper's method section):
   W_r      = best rank-r approximation of W                                  # spectral prior (r = adapter rank)
   M_spec   = 1{ |W_r| <= q_rho(|W_r|) },  M_euc = 1{ |W| <= q_rho(|W|) }     # rho-quantiles, rho = 0.2
   W_geo    = W * (M_spec OR M_euc)                                            # geometry-constrained view of W

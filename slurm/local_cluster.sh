@@ -10,7 +10,8 @@
 #
 # Knobs: BENCH_SLURM_PARTITION (default debug), BENCH_SLURM_ACCOUNTING (1: slurmdbd + MariaDB, default; 0: none,
 # then a job cancelled by SLURM is never seen as finished by submitit).
-# Reference: ../shared/research/slurm_local.md (tested on Debian 12, Slurm 22.05).
+# References: Slurm's Quick Start Administrator Guide (https://slurm.schedmd.com/quickstart_admin.html), the
+# slurm.conf and slurmdbd.conf manuals (https://slurm.schedmd.com/slurm.conf.html); tested on Debian 12, Slurm 22.05.
 set -euo pipefail
 
 PARTITION=${BENCH_SLURM_PARTITION:-debug}

@@ -27,3 +27,12 @@ def tiny():
     """The embedded model, built once (cached under BENCH_CACHE) and loaded fresh per use via load()."""
     from bench.models import build_tiny
     return build_tiny(progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the embedded model (the `tiny` fixture, directly or through another fixture) builds,
+    loads or trains it: marked `slow`, so that `python -m pytest -m "not slow"` is the fast tier (math, statistics,
+    parsing, registries). Tests that are slow for another reason carry the mark themselves."""
+    for item in items:
+        if "tiny" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

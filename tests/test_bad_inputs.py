@@ -196,7 +196,7 @@ DAMAGED = [
      "bench: error: {sweep}/slurm_jobs.json: unreadable (JSONDecodeError): the record of submitted SLURM jobs is "
      "damaged; move it away to rebuild the status from the run directories"),
     ("collect-truncated-summary", "summary.json", '{"run_id": "kl_gr', "collect", 1,
-     "bench: skipped: {run}/summary.json: unreadable (JSONDecodeError)"),
+     "bench: skipped: {run}/summary.json: unreadable (JSONDecodeError: truncated or not JSON)"),
     ("collect-rank-text", "summary.json", json.dumps({"method": "kl_grpo", "rank": "abc", "status": "ok"}),
      "collect", 1, "bench: skipped: {run}/summary.json: not a run summary (rank 'abc' is not a positive integer or "
      "'full')"),
@@ -227,7 +227,9 @@ DAMAGED = [
 ]
 
 
-@pytest.mark.parametrize("case,name,content,command,code,expected", DAMAGED, ids=[c[0] for c in DAMAGED])
+@pytest.mark.parametrize("case,name,content,command,code,expected",  # `report` renders the plots: slow
+                         [pytest.param(*c, marks=pytest.mark.slow) if c[3] == "report" else c for c in DAMAGED],
+                         ids=[c[0] for c in DAMAGED])
 def test_damaged_run_files_are_named_not_tracebacks(case, name, content, command, code, expected, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     _run(sweep, "kl_free_lora")

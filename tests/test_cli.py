@@ -24,6 +24,7 @@ def assert_one_line_error(result, *fragments):
         assert f in lines[0], lines[0]
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 @pytest.mark.parametrize("args,fragments", [
     (["run", "--methods", "nope"], ["unknown method 'nope'", "kl_free_lora", "kl_grpo"]),
     (["run", "--ranks", "0"], ["bad rank 0"]),
@@ -48,6 +49,7 @@ def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_one_line_error(bench(*args), *fragments)
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 @pytest.mark.parametrize("name,value", [("BENCH_NUM_THREADS", "two"), ("BENCH_FORWARD_THREADS", "0")])
 def test_bad_thread_count_in_the_environment(tmp_path, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -56,7 +58,7 @@ def test_bad_thread_count_in_the_environment(tmp_path, monkeypatch, name, value)
 
 
 def test_method_params_go_to_the_methods_that_have_them():
-    from bench.cli import method_params_per_method
+    from bench.config import method_params_per_method
     from bench.errors import BenchError
     methods = ["geora", "proma", "geora+proma", "kl_free_lora"]
     out = method_params_per_method(methods, {"rho": 0.3, "proma.cap": 0.2, "sweeps": 3})
@@ -74,17 +76,20 @@ def test_rank_larger_than_smallest_matrix(tmp_path, tiny):
     assert not list((tmp_path / "s").glob("*/metrics.jsonl"))  # nothing trained
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_unknown_model_lists_embedded_ones(tmp_path):
     assert_one_line_error(bench("run", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")),
                           "cannot load model", "tiny")
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_one_line_error(bench("run", "--out", str(blocker / "sub")), "not writable")
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_malformed_data_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
@@ -92,6 +97,7 @@ def test_malformed_data_file(tmp_path):
                           f"{bad}:2", "'answer'")
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 @pytest.mark.parametrize("text,fragment", [("methods: [kl_grpo]\nbogus_key: 1\n", "unknown key 'bogus_key'"),
                                            ("methods: [kl_grpo\n", "bad YAML"),
                                            ("- just\n- a list\n", "expected a mapping")])
@@ -101,6 +107,7 @@ def test_bad_config_file(tmp_path, text, fragment):
     assert_one_line_error(bench("run", "--config", str(cfg)), str(cfg), fragment)
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_list_shows_tasks_models_methods():
     r = bench("list")
     assert r.returncode == 0

@@ -35,5 +35,6 @@ def test_harness_accuracy_equals_lm_eval_strict_match(tmp_path, tiny, method):
     assert again["n"] == 20 and read_json(tmp_path / "run" / "summary.json")["lm_eval"]["n"] == 20
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_eval_bad_input(tmp_path):
     assert_one_line_error(bench("eval", str(tmp_path)), "not a run directory")

@@ -119,6 +119,7 @@ def _micro_build(tmp_path, monkeypatch, name, threads):
     return (path / "model.safetensors").read_bytes(), json.loads((path / "build_info.json").read_text())
 
 
+@pytest.mark.slow  # builds the model four times
 def test_build_pins_its_thread_count(tmp_path, monkeypatch):
     from bench import models
     one, info = _micro_build(tmp_path, monkeypatch, "a", 1)

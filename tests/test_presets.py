@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from bench.cli import build_specs, load_config_file, preset_names, preset_path, resolve_run_options
+from bench.config import build_specs, load_config_file, preset_names, preset_path, resolve_run_options
 from bench.errors import BenchError
 from bench.runner import run_one
 from tests.test_cli import assert_one_line_error, bench
@@ -20,6 +20,7 @@ GSM8K_LINES = [  # GSM8K's own format: question, answer with <<calc>> annotation
 ]
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_presets_are_listed():
     names = preset_names()
     assert {"qwen3-0.6b-gsm8k", "rottman-kl-rank", "proma-gsm8k", "geora"} <= set(names)
@@ -59,11 +60,12 @@ def test_preset_code_path_on_the_tiny_model(tmp_path, tiny, name):
     assert ran == len({s.method for s in specs})
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_unknown_preset_and_unknown_preset_key(tmp_path, monkeypatch):
     assert_one_line_error(bench("run", "--preset", "nope"), "unknown preset 'nope'", "proma-gsm8k")
-    import bench.cli as cli
+    import bench.config as config
     (tmp_path / "bad.yaml").write_text("model: tiny\nlearning_rate: 0.1\n")
-    monkeypatch.setattr(cli, "PRESETS", tmp_path)
+    monkeypatch.setattr(config, "PRESETS", tmp_path)
     with pytest.raises(BenchError, match=r"preset .*bad.yaml: unknown key 'learning_rate'"):
         load_config_file(preset_path("bad"), "preset")
 

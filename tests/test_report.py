@@ -108,6 +108,7 @@ def test_leaderboard_intervals_columns_failed_and_merge(sweep, tmp_path):
     assert len(board) == 15 and set(board.variant) == {""} and set(board.n_seeds) == {3}
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_different_settings_never_merge(tmp_path):
     """Two sweeps that differ only in --set grpo=... (and a third in --lr) stay apart, labelled by the setting."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
@@ -134,6 +135,7 @@ def test_different_settings_never_merge(tmp_path):
     assert csv.config_digest.nunique() == 3 and csv.variant.nunique() == 3
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_cells_without_enough_seeds_say_so(tmp_path):
     small = tmp_path / "small"
     _write_run(small, "kl_free_lora", 4, 0, accuracy=0.41, kl_ref=0.01)
@@ -147,6 +149,7 @@ def test_cells_without_enough_seeds_say_so(tmp_path):
     assert board.accuracy_ci_low.isna().all()  # too few seeds: empty, not a made-up interval
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_old_sweep_without_item_records_and_corrupt_ones(sweep):
     for f in sweep.glob("*/eval_final.jsonl"):
         f.unlink()  # a sweep from before per-item records
@@ -166,6 +169,7 @@ def test_old_sweep_without_item_records_and_corrupt_ones(sweep):
     assert "ok runs have no readable eval_final.jsonl" in (sweep / "tables.md").read_text()
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_report_files_reproducible_and_bad_input(sweep, tmp_path):
     r = bench("report", str(sweep))
     assert r.returncode == 0, r.stderr
@@ -269,6 +273,7 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow  # renders the report in a browser
 @pytest.mark.skipif(_chromium() is None and os.environ.get("BENCH_REQUIRE_CHROMIUM") != "1",
                     reason="Chromium is absent (Debian: apt-get install chromium)")
 def test_report_renders_in_headless_chromium(sweep, tmp_path):

@@ -130,9 +130,8 @@ def test_nan_gradients_are_recorded_as_diverged(tmp_path, tiny):
 
 
 def test_forward_threads_use_free_cores_only_where_forwards_are_thread_invariant(tmp_path, tiny, monkeypatch):
-    from bench import runner
+    from bench import parallel
     from bench.models import load_policy
-    from bench.sweep import cpu_count
     from tasks import get_task, plain_prompt
     spec = RunSpec(method="kl_free_lora", rank=4, **SMALL)
     model, tok = load_policy("tiny")
@@ -140,20 +139,23 @@ def test_forward_threads_use_free_cores_only_where_forwards_are_thread_invariant
     # this model's forwards give the same floats at 1 and 2 threads (greedy tokens, logits, TRL's fused head with
     # its one-thread backward); a LoRA policy as in a run
     policy = runner_policy(model)
-    assert runner.forward_is_thread_invariant(policy, tok, prompts, 2)
+    assert parallel.forward_is_thread_invariant(policy, tok, prompts, 2)
     # the check is not vacuous: gradients on two threads (the backward included) differ from one thread's
     assert not _two_thread_backward_is_invariant(policy, tok, prompts)
-    monkeypatch.setattr(runner, "FORWARD_CORES", 2)
-    assert runner.forward_threads(spec, model, tok, prompts) == 2
-    monkeypatch.setattr(runner, "FORWARD_CORES", 1)  # a parallel worker's share
-    assert runner.forward_threads(spec, model, tok, prompts) == 1
-    monkeypatch.setattr(runner, "FORWARD_CORES", 2)
-    monkeypatch.setattr(runner, "forward_is_thread_invariant", lambda *a: False)  # a CPU where they differ
-    assert runner.forward_threads(spec, model, tok, prompts) == 1
-    monkeypatch.setenv("BENCH_NUM_THREADS", "2")  # pinned by the user: every pass, no split
-    assert runner.forward_threads(spec, model, tok, prompts) is None
-    monkeypatch.setenv("BENCH_FORWARD_THREADS", "3")  # or the forwards' own count, unchecked
-    assert runner.forward_threads(spec, model, tok, prompts) == 3
+    try:
+        parallel.set_forward_cores(2)
+        assert parallel.forward_threads(spec, model, tok, prompts) == 2
+        parallel.set_forward_cores(1)  # a parallel worker's share
+        assert parallel.forward_threads(spec, model, tok, prompts) == 1
+        parallel.set_forward_cores(2)
+        monkeypatch.setattr(parallel, "forward_is_thread_invariant", lambda *a: False)  # a CPU where they differ
+        assert parallel.forward_threads(spec, model, tok, prompts) == 1
+        monkeypatch.setenv("BENCH_NUM_THREADS", "2")  # pinned by the user: every pass, no split
+        assert parallel.forward_threads(spec, model, tok, prompts) is None
+        monkeypatch.setenv("BENCH_FORWARD_THREADS", "3")  # or the forwards' own count, unchecked
+        assert parallel.forward_threads(spec, model, tok, prompts) == 3
+    finally:
+        parallel.set_forward_cores(None)
 
 
 def runner_policy(model):

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from bench.claims import check_claims
-from bench.cli import build_specs, main, make_parser, resolve_run_options
+from bench.cli import main, make_parser
+from bench.config import build_specs, resolve_run_options
 from bench.errors import BenchError
 from bench.scaling import parse_scaling, sweep_scalings
 from bench.spec import RunSpec
@@ -126,7 +127,7 @@ def test_peft_applies_the_scale(tiny, scaling, rank):
 
 
 def test_every_preset_states_its_scaling():
-    from bench.cli import load_config_file, preset_names, preset_path
+    from bench.config import load_config_file, preset_names, preset_path
     for name in preset_names():
         assert "lora_scaling" in load_config_file(preset_path(name), "preset"), name
     assert load_config_file(preset_path("rottman-kl-rank"), "preset")["lora_scaling"] == "rank"  # r = alpha

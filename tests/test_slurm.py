@@ -57,6 +57,7 @@ def test_array_ids_expand():
     assert _expand("12_3") == ["12_3"]
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_bad_profile_is_one_line(tmp_path):
     r = bench("run", "--executor", "slurm", "--profile", "nope", "--out", str(tmp_path / "s"))
     if shutil.which("sbatch") is None:
@@ -65,6 +66,7 @@ def test_bad_profile_is_one_line(tmp_path):
         assert_one_line_error(r, "SLURM profile 'nope' not found")
 
 
+@pytest.mark.slow  # two collects in subprocesses
 def test_two_concurrent_collects_leave_valid_files(tmp_path):
     """Sweep-level files are written by collect, atomically: concurrent collects never leave a torn file."""
     out = tmp_path / "sweep"
@@ -197,13 +199,13 @@ def test_stop_request_saves_at_a_generation_boundary_and_resumes_identically(tmp
 
     def request_stop_at_step_3(self, args, state, control, **kw):
         if state.global_step == 3:
-            runner.STOP_REQUESTED.set()
+            runner.request_stop()
         return original(self, args, state, control, **kw)
     monkeypatch.setattr(runner.MetricsCallback, "on_step_end", request_stop_at_step_3)
     try:
         s = run_one(spec, tmp_path / "cut", progress=False)
     finally:
-        runner.STOP_REQUESTED.clear()
+        runner.clear_stop_request()
     assert s["status"] == "preempted" and "step 4" in s["error"], s
     assert (tmp_path / "cut" / "checkpoints" / "checkpoint-4").is_dir()
     monkeypatch.setattr(runner.MetricsCallback, "on_step_end", original)

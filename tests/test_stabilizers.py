@@ -17,8 +17,6 @@ from bench.errors import BenchError
 from bench.metrics import completion_mask
 from bench.spec import RunSpec
 
-pytestmark = pytest.mark.slow
-
 L_MAX = 16        # every completion of the tiny model is cut here
 L_MIXED = 44      # some completions end, some are cut (DAPO's overlong filter and punishment act)
 SPEC = dict(rank=4, max_completion_length=L_MAX, micro_batch=8, grad_accum=2, num_generations=8)

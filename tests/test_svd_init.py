@@ -124,6 +124,7 @@ def test_quantile_works_past_torch_quantile_limit():
     assert abs_quantile(big, 0.5) == float(np.ceil(0.5 * big.numel()) - 1)
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess
 def test_bad_rho_is_a_one_line_error():
     from tests.test_cli import assert_one_line_error, bench
     assert_one_line_error(bench("run", "--methods", "geora", "--method-param", "rho=1.5"), "bad rho 1.5")

@@ -11,7 +11,8 @@ import torch
 
 from bench.io import read_json, read_jsonl
 from bench.spec import RunSpec
-from bench.sweep import SMALL_MODEL_PARAMS, _parameter_count, auto_jobs, cpu_count, default_threads, run_sweep
+from bench.parallel import SMALL_MODEL_PARAMS, _parameter_count, auto_jobs, cpu_count, default_threads
+from bench.sweep import run_sweep
 
 SMALL = dict(steps=2, eval_size=8, probe_size=4, probe_every=1, kl_step_seqs=4, checkpoint_every=2,
              max_completion_length=32)
@@ -37,7 +38,7 @@ def one_thread(monkeypatch):
 
 def test_parallel_sweep_equals_sequential(tmp_path, tiny, monkeypatch):
     """One thread per run on both sides (the default rule); the forward passes on two threads in the sequential
-    sweep (as a run alone on two cores has them, runner.forward_threads) and on one in the parallel one."""
+    sweep (as a run alone on two cores has them, parallel.forward_threads) and on one in the parallel one."""
     specs = _specs() + [RunSpec(method=m, rank=4, **SMALL) for m in ("proma_intra", "geora")]  # hooks; residual
     monkeypatch.setenv("BENCH_FORWARD_THREADS", "2")
     seq = run_sweep(specs, tmp_path / "seq", progress=False, jobs=1)

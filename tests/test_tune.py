@@ -209,12 +209,11 @@ def test_tiny_tune_end_to_end(tmp_path, tiny, capsys):
     assert dev  # the dev split exists (the trials evaluated on its first 8 items)
 
 
-def test_slurm_tune_submits_trials_then_the_final_runs(tmp_path, monkeypatch, capsys):
+def test_slurm_tune_submits_trials_then_the_final_runs(tmp_path, capsys):
     """--executor slurm: the first call submits the trials as an array and stops; once the trials are finished the
     same command selects the rates and submits the final runs (both through bench run's submit_to_slurm)."""
     import argparse
 
-    import bench.cli as cli
     from bench.io import atomic_write_json
     from bench.tune import cmd_tune
     submitted = []
@@ -222,12 +221,11 @@ def test_slurm_tune_submits_trials_then_the_final_runs(tmp_path, monkeypatch, ca
     def fake_submit(args, specs, out):
         submitted.append((out.name, sorted(s.run_id for s in specs), args.resume))
         return 0
-    monkeypatch.setattr(cli, "submit_to_slurm", fake_submit)
     out = tmp_path / "sweep"
     specs = [RunSpec("kl_free_lora", 4, seed=s) for s in (0, 1)]
     options = {"lr_grid": "1e-3,3e-3", "tune_steps": "2", "tune_seeds": None, "tune_metric": None}
     args = argparse.Namespace(executor="slurm", no_progress=True, jobs="auto", resume=False, wait=False)
-    assert cmd_tune(args, options, specs, out) == 0
+    assert cmd_tune(args, options, specs, out, submit=fake_submit) == 0
     trial_ids = ["kl_free_lora_r4_s1000_lr0.001_dev", "kl_free_lora_r4_s1000_lr0.003_dev"]
     assert submitted == [("tuning", trial_ids, True)]
     assert "re-run this command when they are finished" in capsys.readouterr().out
@@ -238,7 +236,7 @@ def test_slurm_tune_submits_trials_then_the_final_runs(tmp_path, monkeypatch, ca
                           {"run_id": run_id, "method": "kl_free_lora", "rank": "4", "seed": 1000, "status": "ok",
                            "accuracy": acc, "kl_ref": 0.01})
     submitted.clear()
-    assert cmd_tune(args, options, specs, out) == 0
+    assert cmd_tune(args, options, specs, out, submit=fake_submit) == 0
     assert submitted == [("sweep", ["kl_free_lora_r4_s0", "kl_free_lora_r4_s1"], True)]
     assert "| 0.003 |" in (out / "tuning" / "selection.md").read_text()
 
