@@ -27,13 +27,15 @@ def cmd_run(args) -> int:
     options = resolve_run_options(args)
     specs = build_specs(options)
     out = default_out(options)
-    preflight.check_sweep(args, options, specs, out, existing_runs=not args.tune)
+    tracking = preflight.check_sweep(args, options, specs, out, existing_runs=not args.tune)
     if args.tune:  # the learning rate tuned per cell first (bench.tune): trials in out/tuning, then the runs
         from bench.tune import cmd_tune
-        return cmd_tune(args, options, specs, out, submit=submit_to_slurm)
+        return cmd_tune(args, options, specs, out, submit=lambda a, s, o: submit_to_slurm(a, s, o, tracking),
+                        tracking=tracking)
     if args.executor == "slurm":
-        return submit_to_slurm(args, specs, out)
-    df = run_sweep(specs, out, progress=not args.no_progress, jobs=preflight.parse_jobs(args.jobs, specs))
+        return submit_to_slurm(args, specs, out, tracking)
+    df = run_sweep(specs, out, progress=not args.no_progress, jobs=preflight.parse_jobs(args.jobs, specs),
+                   tracking=tracking)
     held = df.attrs.get("held", [])
     if not df.empty:
         df = df[~df.run_id.isin(held)]  # another process is running these: their summary.json is not final
@@ -46,7 +48,7 @@ def cmd_run(args) -> int:
     return 1 if counts.get("failed") else 0
 
 
-def submit_to_slurm(args, specs, out: Path) -> int:
+def submit_to_slurm(args, specs, out: Path, tracking=None) -> int:
     """The grid (minus finished, pending and running runs) as one SLURM job array."""
     import shutil
 
@@ -63,7 +65,7 @@ def submit_to_slurm(args, specs, out: Path) -> int:
     if not todo:
         print(f"nothing to submit: all {len(specs)} runs in {out} are finished, pending or running")
         return 0
-    record = slurm.submit(todo, out, profile)
+    record = slurm.submit(todo, out, profile, tracking)
     array = record["arrays"][-1]["array_id"]
     print(f"submitted SLURM array {array}: {len(todo)} run(s) of {len(specs)} into {out}")
     if not args.wait:

@@ -43,12 +43,14 @@ from bench.threads import torch_threads
 from tasks import RewardConfig
 
 
-def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat: bool, use_cpu: bool) -> GRPOConfig:
-    """The run's GRPOConfig, after the method's check of its settings (also done earlier, by RunSpec)."""
+def grpo_config(spec, method, output_dir: str, reward_weights: list[float], chat: bool, use_cpu: bool,
+                report: dict | None = None) -> GRPOConfig:
+    """The run's GRPOConfig, after the method's check of its settings (also done earlier, by RunSpec). `report`:
+    the experiment-tracker settings (report_to, run_name, project; bench.trackers), which change no computation."""
     kwargs = grpo_settings(spec, method, output_dir, reward_weights, chat, use_cpu)
     if method.check_grpo is not None:
         method.check_grpo(effective_grpo(kwargs))
-    return GRPOConfig(**kwargs)
+    return GRPOConfig(**{**kwargs, **(report or {})})
 
 
 def effective_grpo(settings: dict) -> dict:
@@ -105,14 +107,15 @@ def grpo_settings(spec, method, output_dir: str = "", reward_weights: list[float
 
 
 def make_trainer(spec, method, params: dict, policy, tokenizer, dataset, output_dir: str, chat: bool, device: str,
-                 trainer_cls=None, log_path=None, callbacks: list | None = None, **kwargs):
+                 trainer_cls=None, log_path=None, callbacks: list | None = None, report: dict | None = None,
+                 **kwargs):
     """The run's trainer: TRL's GRPOTrainer (or `trainer_cls`) on the spec's GRPOConfig, the task's reward, and the
     method's trainer hooks applied; then `callbacks` (the harness's), which thus run after the method's callbacks in
     every event. Used by the runner and by `bench perf`, so both time the same object."""
     from transformers import PrinterCallback
 
     funcs, weights = RewardConfig(**spec.reward).funcs_and_weights()
-    args = grpo_config(spec, method, output_dir, weights, chat=chat, use_cpu=device == "cpu")
+    args = grpo_config(spec, method, output_dir, weights, chat=chat, use_cpu=device == "cpu", report=report)
     if (trainer_cls or BenchGRPOTrainer) is BenchGRPOTrainer:
         kwargs.setdefault("step_kl", StepKL(spec.kl_step_seqs, temperature=spec.temperature))
     trainer = (trainer_cls or BenchGRPOTrainer)(model=policy, reward_funcs=funcs, args=args, train_dataset=dataset,

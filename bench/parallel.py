@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from bench.device import resolve_device
+from bench.device import local_gpus, resolve_device
 from bench.errors import BenchError
 from bench.generation import eval_mode, generate
 from bench.models import load_config
@@ -46,8 +46,10 @@ def default_threads(specs: list[RunSpec]) -> int | None:
 
 
 def auto_jobs(specs: list[RunSpec]) -> int:
-    """--jobs auto: on CPU with a model under 50M parameters, one run per core (at most one per 2 GiB of available
-    memory); otherwise (GPU, larger models) one run at a time."""
+    """--jobs auto: on a CUDA machine, one run per visible GPU (bench.device); on CPU with a model under 50M
+    parameters, one run per core (at most one per 2 GiB of available memory); otherwise one run at a time."""
+    if gpus := local_gpus(specs):
+        return max(1, min(len(gpus), len(specs)))
     if not small_model_on_cpu(specs):
         return 1
     try:

@@ -23,7 +23,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from bench.device import PeakMemory, resolve_device
+from bench.device import PeakMemory, resolve_device, run_device
 from bench.engine import make_trainer
 from bench.errors import BenchError
 from bench.evaluate import evaluate_run
@@ -38,6 +38,7 @@ from bench.results import DONE, identity, outcome
 from bench.runlock import RunHeld, run_lock
 from bench.spec import RunSpec, stored_key
 from bench.threads import torch_threads
+from bench.trackers import Session
 from methods import Method, get_method
 from tasks import chat_prompt, get_task, plain_prompt
 
@@ -77,6 +78,7 @@ class MetricsCallback(TrainerCallback):
         self.path, self.probe, self.reference, self.tokenizer = path, probe, reference, tokenizer
         self.spec, self.rows, self.bar = spec, rows, bar
         self.trainer = None
+        self.report = None  # where rows also go: an experiment tracker session (bench.trackers.Session.report)
         self.pending: dict | None = None
         self.last_reward = float("nan")
         self.stopped_at: int | None = None
@@ -93,6 +95,8 @@ class MetricsCallback(TrainerCallback):
             # before any update: no step has happened and no rollout exists yet
             self.rows.append({"step": 0, **m, "entropy": m["entropy_probe"], "kl_step": None, "reward": None})
             atomic_write_jsonl(self.path, self.rows)
+            if self.report is not None:
+                self.report(self.rows[-1], args, state, control, model=model)
             self.last = self._snapshot()
 
     def on_step_end(self, args, state, control, model=None, **kw):
@@ -129,6 +133,8 @@ class MetricsCallback(TrainerCallback):
                 row[name] = float(logs[key])
         self.rows.append(row)
         atomic_write_jsonl(self.path, self.rows)
+        if self.report is not None:
+            self.report(row, args, state, control, model=kw.get("model"))
         if self.bar is not None:
             self.bar.update(1)
             if "reward" in row:
@@ -204,11 +210,13 @@ def check_run_dir(spec: RunSpec, run_dir: Path) -> dict | None:
     return None
 
 
-def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None) -> dict:
+def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None,
+            tracking=None) -> dict:
     """Run (or skip, or resume) one run; always leaves a summary.json with its status. A run that another process
     is running (it holds the run directory's lock, bench.runlock) is left to it: the returned status is `held`,
     and nothing in the directory is touched.
-    bar: an object with tqdm's update/set_postfix/close to report steps to instead of a bar of its own."""
+    bar: an object with tqdm's update/set_postfix/close to report steps to instead of a bar of its own.
+    tracking: experiment trackers to report to (bench.trackers.Tracking; None: none)."""
     run_dir = Path(run_dir)
     if (finished := check_run_dir(spec, run_dir)) is not None:
         return finished
@@ -218,12 +226,12 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
             if (finished := check_run_dir(spec, run_dir)) is not None:
                 return finished
             with torch_threads(run_threads(spec)):  # before config.json records the thread count
-                return _run_one(spec, run_dir, progress, position, bar)
+                return _run_one(spec, run_dir, progress, position, bar, tracking)
     except RunHeld as held:
         return outcome(spec, "held", f"being run by another process ({held.holder}); left to it")
 
 
-def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -> dict:
+def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar, tracking=None) -> dict:
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
     method = get_method(spec.method)
     atomic_write_json(config_path, {
@@ -238,7 +246,7 @@ def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar) -
     t0 = time.perf_counter()
     summary = identity(spec)
     try:
-        summary.update(_train(spec, method, run_dir, progress, position, bar))
+        summary.update(_train(spec, method, run_dir, progress, position, bar, tracking))
         summary["status"] = "ok"
         if spec.final_eval == "lm-eval":
             summary["lm_eval"] = evaluate_run(run_dir, write=False)
@@ -290,10 +298,11 @@ def _aggregate(rows: list[dict]) -> dict:
     return out
 
 
-def _train(spec: RunSpec, method: Method, run_dir: Path, progress: bool, position: int, bar=None) -> dict:
+def _train(spec: RunSpec, method: Method, run_dir: Path, progress: bool, position: int, bar=None,
+           tracking=None) -> dict:
     device = resolve_device(spec.device)
     with PeakMemory(device) as memory:
-        out = _train_measured(spec, method, run_dir, progress, position, device, bar)
+        out = _train_measured(spec, method, run_dir, progress, position, device, bar, tracking)
     out["peak_mem_mb"] = memory.mb
     return out
 
@@ -367,11 +376,13 @@ def resume_point(run_dir: Path) -> tuple[Path | None, list[dict]]:
     return checkpoint, [r for r in read_jsonl(metrics_path) if r["step"] <= done]
 
 
-def build_trainer(spec: RunSpec, prep: Prepared, run_dir: Path, dataset, device: str, callback, threads):
-    """The run's trainer (bench.engine.make_trainer) with the metrics callback, checkpointing into run_dir."""
+def build_trainer(spec: RunSpec, prep: Prepared, run_dir: Path, dataset, device: str, callback, threads,
+                  report: dict | None = None):
+    """The run's trainer (bench.engine.make_trainer) with the metrics callback, checkpointing into run_dir;
+    report: experiment-tracker settings for TRL's report_to (bench.trackers.Session.grpo_settings)."""
     trainer = make_trainer(spec, prep.method, prep.params, prep.policy, prep.tokenizer, dataset,
                            str(run_dir / "checkpoints"), chat=prep.chat, device=device, callbacks=[callback],
-                           log_path=run_dir / "run.log", forward_threads=threads)
+                           log_path=run_dir / "run.log", forward_threads=threads, report=report)
     callback.trainer = trainer
     return trainer
 
@@ -404,14 +415,14 @@ def summarize(rows: list[dict], base: dict, final: dict, prep: Prepared, *, devi
         "eval_n": base["n"], "eval_seconds": round(seconds["eval"], 3), "init_seconds": round(seconds["init"], 4),
         "setup_seconds": round(seconds["setup"], 3), "forward_threads": threads or torch.get_num_threads(),
         "trainable_params": trainable_parameters(prep.policy), "trained_set": trained_set(prep.policy),
-        **prep.init_kl, "device": device, "resumed_from": checkpoint.name if checkpoint else None,
+        **prep.init_kl, "device": device, **run_device(device), "resumed_from": checkpoint.name if checkpoint else None,
     })
     out.update(method_summary)
     return out
 
 
 def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool, position: int, device: str,
-                    bar=None) -> dict:
+                    bar=None, tracking=None) -> dict:
     # prepare: the task, the policy, the initial policy kept for kl_ref, the eval set and its base accuracy
     t_setup = time.perf_counter()
     task = get_task(spec.task, **spec.task_params)
@@ -444,9 +455,20 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
     probe = ProbeSet([prep.to_prompt(q) for q in probe_questions], spec.max_completion_length, seed=spec.seed,
                      temperature=spec.temperature)
     callback = MetricsCallback(run_dir / "metrics.jsonl", probe, reference, prep.tokenizer, spec, rows, bar)
-    trainer = build_trainer(spec, prep, run_dir, dataset, device, callback, fwd_threads)
+    trackers = Session(tracking, spec.run_id, run_dir)  # experiment trackers (none by default)
+    trainer = build_trainer(spec, prep, run_dir, dataset, device, callback, fwd_threads,
+                            report=trackers.grpo_settings())
+    trackers.attach(trainer, callback)
     setup_seconds = time.perf_counter() - t_setup - prep.init_seconds - eval_seconds
-    train(spec, trainer, callback, checkpoint, done_steps, bar)
+    trained = False
+    try:
+        train(spec, trainer, callback, checkpoint, done_steps, bar)
+        trained = True
+    except Preempted:  # trained up to a checkpoint: the tracker run ends cleanly, the resumed run continues it
+        trained = True
+        raise
+    finally:
+        trackers.close(ok=trained)
 
     # evaluate, save, summarize
     t_eval = time.perf_counter()

@@ -77,7 +77,10 @@ def executor_parameters(profile: dict) -> dict:
 class RunTask:
     """One array task: run (or resume) one run spec in its own directory. Checkpointable: when SLURM signals
     preemption or the time limit, the run stops at a generation-batch boundary with a checkpoint, and submitit
-    requeues this same call, which resumes from it."""
+    requeues this same call, which resumes from it. tracking: experiment trackers (bench.trackers.Tracking)."""
+
+    def __init__(self, tracking=None):
+        self.tracking = tracking
 
     def __call__(self, spec: dict, run_dir: str) -> dict:
         from bench import runner  # torch and TRL: imported in the array task only, not by `bench status`
@@ -86,7 +89,8 @@ class RunTask:
         # on it, and a SLURM sweep must reproduce a local one bit for bit
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, lambda *_: runner.request_stop())
-        summary = runner.run_one(RunSpec.from_dict(spec), Path(run_dir), progress=False)
+        summary = runner.run_one(RunSpec.from_dict(spec), Path(run_dir), progress=False,
+                                 tracking=getattr(self, "tracking", None))
         if summary.get("status") == "preempted" and callable(submitit_handler):
             submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
         return summary
@@ -145,7 +149,7 @@ def _remove_new(folder: Path, before: set[Path], new_dirs: list[Path]) -> None:
             break
 
 
-def submit(specs, out: Path, profile: dict) -> dict:
+def submit(specs, out: Path, profile: dict, tracking=None) -> dict:
     """Submit the specs as one job array; record {run_id: job_id} in out/slurm_jobs.json. Returns the record."""
     import submitit
 
@@ -157,7 +161,8 @@ def submit(specs, out: Path, profile: dict) -> dict:
         executor = submitit.AutoExecutor(folder=str(out / ".slurm" / "%j"), cluster="slurm", slurm_max_num_timeout=3)
         executor.update_parameters(name=f"bench-{out.name}", **executor_parameters(profile))
         with _captured_stderr() as err:  # submitit lets sbatch write to our stderr; keep it for the one-line error
-            jobs = executor.map_array(RunTask(), [s.to_dict() for s in specs], [str(out / s.run_id) for s in specs])
+            jobs = executor.map_array(RunTask(tracking), [s.to_dict() for s in specs],
+                                      [str(out / s.run_id) for s in specs])
     except Exception as e:  # sbatch refused (no such partition, bad limits): nothing is recorded as submitted
         _remove_new(out / ".slurm", before, new_dirs)  # and nothing is left: submitit's pickles and script
         raise BenchError(f"sbatch failed: {_sbatch_error(e, ''.join(err))}") from None

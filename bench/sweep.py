@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import parallel
+from bench.device import local_gpus, pin_worker, worker_gpus
 from bench.errors import BenchError
 from bench.io import atomic_write_json
 from bench.parallel import cpu_count
@@ -45,10 +46,11 @@ def check_writable(out: Path) -> None:
         raise BenchError(f"output directory {out} is not writable: {e.strerror or e}") from None
 
 
-def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
+def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1, tracking=None) -> pd.DataFrame:
     """Run the grid: in this process (jobs 1) or in `jobs` worker processes of cpu_count // jobs threads (a run
     may pin fewer: parallel.run_threads). Runs that another process is running (another invocation on the same
-    --out) are left to it, said on stderr, and listed in the returned table's attrs["held"]."""
+    --out) are left to it, said on stderr, and listed in the returned table's attrs["held"]. tracking: experiment
+    trackers (bench.trackers.Tracking)."""
     check_writable(out)
     held = []
 
@@ -57,12 +59,12 @@ def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int 
             held.append(spec.run_id)
             tqdm.write(f"{spec.run_id}: {summary['error']}", file=sys.stderr)
     if jobs > 1 and len(specs) > 1:
-        _run_parallel(specs, out, progress, min(jobs, len(specs)), finished)
+        _run_parallel(specs, out, progress, min(jobs, len(specs)), finished, tracking)
     else:
         bar = tqdm(specs, desc="runs", position=0, disable=not progress)
         for spec in bar:
             bar.set_postfix_str(spec.run_id)
-            finished(spec, run_one(spec, out / spec.run_id, progress=progress, position=1))
+            finished(spec, run_one(spec, out / spec.run_id, progress=progress, position=1, tracking=tracking))
             collect(out)
     df = collect(out)
     df.attrs["held"] = held
@@ -72,7 +74,8 @@ def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int 
 _STEPS = None  # in a worker: the queue its runs report finished steps to
 
 
-def _worker_init(threads: int, steps_queue) -> None:
+def _worker_init(threads: int, steps_queue, gpu_queue=None) -> None:
+    pin_worker(gpu_queue)  # this worker's GPU (bench.device), before anything here initializes CUDA
     global _STEPS
     warnings.filterwarnings("ignore", category=FutureWarning)  # as bench.cli.main: transformers 5.x notices, per run
     torch.set_num_threads(threads)  # the worker's share of the cores; run_one may pin fewer (parallel.run_threads)
@@ -93,18 +96,19 @@ class _QueueBar:
         pass
 
 
-def _run_in_worker(spec_dict: dict, run_dir: str) -> dict:
-    summary = run_one(RunSpec.from_dict(spec_dict), Path(run_dir), progress=False, bar=_QueueBar())
+def _run_in_worker(spec_dict: dict, run_dir: str, tracking=None) -> dict:
+    summary = run_one(RunSpec.from_dict(spec_dict), Path(run_dir), progress=False, bar=_QueueBar(), tracking=tracking)
     return {"status": summary.get("status"), "error": summary.get("error")}
 
 
-def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, finished) -> None:
+def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, finished, tracking=None) -> None:
     """Runs in `jobs` spawned worker processes (fresh interpreters, each reused for several runs). A worker that
     dies (e.g. killed for memory) breaks the pool: the runs then underway are retried one at a time, so that the
     one that kills its worker again is recorded failed and the sweep goes on."""
     ctx = mp.get_context("spawn")
     steps_queue = ctx.Queue()
     threads = max(1, cpu_count() // jobs)
+    gpus = local_gpus(specs)  # [] on CPU: workers are not pinned
     runs_bar = tqdm(total=len(specs), desc=f"runs ({jobs} at a time)", position=0, disable=not progress)
     steps_bar = tqdm(total=sum(s.steps for s in specs), desc="steps", position=1, disable=not progress)
 
@@ -121,14 +125,14 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
     try:
         todo, cut = list(specs), {}
         while todo:
-            broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done)
+            broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done, tracking, gpus)
             for s in broken:
                 cut[s.run_id] = cut.get(s.run_id, 0) + 1
             # suspects: runs underway when the worker died, and any run cut off twice (a death before it started)
             suspects = [s for s in broken if (out / s.run_id / "config.json").is_file() or cut[s.run_id] >= 2]
             todo = [s for s in broken if s not in suspects]
             for spec in suspects:  # alone in a pool of one: a second death is this run's own
-                if _pool_run([spec], out, ctx, 1, threads, steps_queue, done):
+                if _pool_run([spec], out, ctx, 1, threads, steps_queue, done, tracking, gpus):
                     done(spec, _record_crash(spec, out))
     finally:
         steps_queue.put(None)
@@ -137,13 +141,26 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
         runs_bar.close()
 
 
-def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done) -> list[RunSpec]:
-    """Run specs in a pool of `jobs` workers; returns those cut off by a worker's death (pool broken)."""
+def worker_pool(ctx, jobs: int, threads: int, steps_queue, gpus: list[str] | None = None):
+    """A pool of `jobs` spawned workers of `threads` torch threads each, worker i pinned to GPU i where `gpus` are
+    given (bench.device: round-robin past their number)."""
+    gpu_queue = None
+    if gpus:
+        gpu_queue = ctx.Queue()  # one entry per worker: each takes its own as it starts (a pool starts `jobs` at most)
+        for gpu in worker_gpus(gpus, jobs):
+            gpu_queue.put(gpu)
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                               initargs=(threads, steps_queue, gpu_queue))
+
+
+def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done, tracking=None,
+              gpus: list[str] | None = None) -> list[RunSpec]:
+    """Run specs in a pool of `jobs` workers (worker_pool); returns the specs cut off by a worker's death (pool
+    broken)."""
     broken = []
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                               initargs=(threads, steps_queue))
+    pool = worker_pool(ctx, jobs, threads, steps_queue, gpus)
     try:
-        futures = {pool.submit(_run_in_worker, s.to_dict(), str(out / s.run_id)): s for s in specs}
+        futures = {pool.submit(_run_in_worker, s.to_dict(), str(out / s.run_id), tracking): s for s in specs}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)

@@ -292,9 +292,10 @@ def write_selection(rows: list[dict], cfg: TuneConfig, tuning_dir: Path) -> None
     atomic_write_text(tuning_dir / "selection.md", selection_markdown(rows, cfg))
 
 
-def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path, submit=None) -> int:
+def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path, submit=None, tracking=None) -> int:
     """bench run --tune: trials, selection, final runs (local), or the same in two SLURM arrays through `submit`
-    (bench.cli.submit_to_slurm: bench run's own submission, passed in by the command layer)."""
+    (bench.cli.submit_to_slurm: bench run's own submission, passed in by the command layer). tracking: the sweep's
+    experiment trackers (bench.trackers), for trials and final runs alike."""
     from bench.preflight import check_existing_runs, parse_jobs
     cfg = parse_config(options, specs)
     grouped, trials = plan(specs, cfg)
@@ -310,7 +311,8 @@ def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path, submit=None) 
             return 0
     else:
         from bench.sweep import run_sweep
-        df = run_sweep(trials, tuning_dir, progress=not args.no_progress, jobs=parse_jobs(args.jobs, trials))
+        df = run_sweep(trials, tuning_dir, progress=not args.no_progress, jobs=parse_jobs(args.jobs, trials),
+                       tracking=tracking)
         print(f"trials: {len(df)} runs in {tuning_dir} ({time.perf_counter() - t0:.0f} s)")
     rows = selections(grouped, cfg, tuning_dir)
     write_selection(rows, cfg, tuning_dir)
@@ -331,7 +333,8 @@ def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path, submit=None) 
         code = submit(_with(args, resume=True), finals, out)
         return code or (1 if unselected else 0)
     from bench.sweep import run_sweep
-    df = run_sweep(finals, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, finals))
+    df = run_sweep(finals, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, finals),
+                   tracking=tracking)
     held = df.attrs.get("held", [])
     if not df.empty:
         df = df[~df.run_id.isin(held)]
