@@ -38,9 +38,13 @@ def cmd_run(args) -> int:
     derived = {}
     specs = build_specs(options, derived)
     out = default_out(options)
-    tracking = preflight.check_sweep(args, options, specs, out)
+    tracking = preflight.check_sweep(args, options, specs, out, existing_runs=not args.tune)
     preset = load_config_file(preset_path(args.preset), "preset") if args.preset else None
     print("\n".join(settings_lines(specs, baseline(preset), derived, verbose=args.verbose)), flush=True)
+    if args.tune:  # the learning rate tuned per cell first (bench.tune): trials in out/tuning, then the runs
+        from bench.tune import cmd_tune
+        return cmd_tune(args, options, specs, out, submit=lambda a, s, o: submit_to_slurm(a, s, o, tracking),
+                        tracking=tracking)
     if args.executor == "slurm":
         return submit_to_slurm(args, specs, out, tracking)
     jobs = preflight.parse_jobs(args.jobs, specs)
@@ -143,6 +147,8 @@ def cmd_report(args) -> int:
         needs = f"; {c.needs}" if c.needs else ""
         detectable = f"; detectable: {c.detectable}" if c.detectable else ""
         print(f"  [{c.verdict}{needs}] {c.claim} ({c.statistic}; n={c.n}{detectable})")
+    if info.get("warning"):
+        print(f"warning: {info['warning']}")
     return 1 if sweep.problems else 0
 
 
@@ -162,7 +168,10 @@ def cmd_leaderboard(args) -> int:
     except OSError as e:
         raise BenchError(f"--csv {csv}: cannot write: {_os_error(e)}") from None
     with pd_options():
-        print(board.drop(columns=["sweeps"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(board.drop(columns=["sweeps", "tuning_budget"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    from bench.protocol import untuned_warning
+    if warning := untuned_warning(sweep.runs):
+        sys.stderr.write(f"bench: warning: {warning}\n")
     print(f"written: {csv} ({len(board)} rows from {len(sweep.runs)} runs)")
     return 1 if sweep.problems else 0
 

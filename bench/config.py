@@ -177,7 +177,9 @@ def build_specs(options: dict, derived: dict | None = None):
                 common[spec_field] = cast(options[name])
             except (TypeError, ValueError, OverflowError):
                 raise BenchError(f"bad {settings.flag(name)} {options[name]!r}") from None
-    specs = grid(methods, ranks, seeds, method_params=method_params, **common)
+    from bench.scaling import sweep_scalings
+    scalings = sweep_scalings(options["lora_scaling"], common.pop("alpha", None), common.pop("lora_scaling", None))
+    specs = grid(methods, ranks, seeds, method_params=method_params, scalings=scalings, **common)
     for spec in specs:
         check_grpo_config(spec)  # the effective TRL GRPOConfig of every run, through TRL's own checks
     return specs

@@ -31,7 +31,7 @@ def check_rank(model, rank) -> None:
 
 
 def build_policy(model, method, rank, alpha: float | None, seed: int, params: dict | None = None,
-                 lora_dropout: float = 0.0):
+                 lora_dropout: float = 0.0, use_rslora: bool = False):
     """LoRA (PEFT) with the method's initializer, or, for rank `full`, the weights of the same targeted Linear
     projections trained at full rank: every method of a sweep trains the same tensors (PROMA can project only
     Linear weights whose module runs, so norms, embeddings, biases and the LM head stay frozen for all)."""
@@ -48,8 +48,10 @@ def build_policy(model, method, rank, alpha: float | None, seed: int, params: di
         for m in targeted_linears(model).values():
             m.weight.requires_grad_(True)
         return model
+    # use_rslora: PEFT scales B A by alpha / sqrt(r) instead of alpha / r (bench.scaling)
     config = LoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(QWEN3_TARGETS),
-                        bias="none", init_lora_weights=method.resolved_init(params), task_type="CAUSAL_LM")
+                        bias="none", init_lora_weights=method.resolved_init(params), task_type="CAUSAL_LM",
+                        use_rslora=use_rslora)
     policy = get_peft_model(model, config)
     if method.adapter_init is not None:
         with torch.no_grad():

@@ -10,17 +10,23 @@ from bench import settings
 from bench.errors import BenchError
 
 
-def check_sweep(args, options: dict, specs, out: Path):
+def check_sweep(args, options: dict, specs, out: Path, existing_runs: bool = True):
     """Everything `bench run` checks between building the run specs and starting the first run, in this order:
     executor flags, thread counts in the environment, devices (local runs), the output directory, the model (built
     once here if it is the embedded one; safetensors weights; ranks against its matrices), the generation backend,
-    and runs already in the output directory. Returns the experiment trackers (bench.trackers.Tracking, or None):
-    a tracker that cannot start stops here, before any run."""
+    and runs already in the output directory (existing_runs; bench run --tune checks its trial and final runs
+    itself, since their learning rates are known only after tuning). --tune options are refused without --tune.
+    Returns the experiment trackers (bench.trackers.Tracking, or None): a tracker that cannot start stops here,
+    before any run."""
     from bench.models import check_weights, resolve_model_path
     from bench.device import resolve_device
     from bench.threads import env_threads
     from bench.trackers import make_tracking
     check_executor_flags(args)
+    if not getattr(args, "tune", False):
+        given = [settings.flag(name) for name in settings.TUNE_OPTIONS if options.get(name) is not None]
+        if given:
+            raise BenchError(f"{', '.join(given)}: only with --tune")
     for name in ("BENCH_NUM_THREADS", "BENCH_FORWARD_THREADS"):
         env_threads(name)  # a bad value stops here, before any training
     if args.executor == "local":
@@ -33,7 +39,8 @@ def check_sweep(args, options: dict, specs, out: Path):
     check_ranks_against_model(options["model"], [s.rank for s in specs])
     if any(s.generation_backend == "vllm" and resolve_device(s.device) != "cuda" for s in specs):
         raise BenchError("generation_backend vllm needs a CUDA device (--device cuda or auto on a GPU machine)")
-    check_existing_runs(specs, out)
+    if existing_runs:
+        check_existing_runs(specs, out)
     return tracking
 
 

@@ -23,6 +23,7 @@ from bench import claims as claims_registry
 from bench import stats
 from bench.io import atomic_write_bytes, atomic_write_text
 from bench.plots import render
+from bench.protocol import untuned_warning
 from bench.results import CI_METRICS, ITEMS_FILE, LEADERBOARD_COLUMNS, Sweep, load_sweep, summary_table
 from bench.tables import markdown_tables, rank_order
 
@@ -47,7 +48,8 @@ def leaderboard(sweep: Sweep) -> pd.DataFrame:
                "kl_step_mean": ok.kl_step.mean(), "entropy_final": ok.entropy.mean(),
                "wall_clock_s": ok.wall_clock_s.mean(), "trainable_params": ok.trainable_params.max(),
                "peak_mem_mb": ok.peak_mem_mb.mean(), "sweeps": ";".join(sorted(set(g.sweep))),
-               "context": first.context}
+               "context": first.context, "lora_scaling": first.lora_scaling, "lr": first.lr,
+               "lr_tuned": first.lr_tuned, "tuning_trials": first.tuning_trials, "tuning_budget": first.tuning_text}
         for name, column in CI_METRICS:
             iv = stats.interval([ok[column].to_numpy(float)])
             row[f"{name}_ci_low"], row[f"{name}_ci_high"] = iv.low, iv.high
@@ -226,6 +228,9 @@ def write_report(sweep_dir: Path, baseline: str | None = None, margin: float | N
                            paired_items_markdown(sweep, baseline)])
     claims = claims_registry.check_claims(sweep.runs, margin=margin)
     claims_md = claims_registry.claims_markdown(claims)
+    warning = untuned_warning(sweep.runs)
+    if warning:
+        claims_md += f"\n**Warning**: {warning}\n"
     images = render(sweep, baseline)
     for name, (png, _) in images.items():
         atomic_write_bytes(sweep_dir / "plots" / f"{name}.png", png)
@@ -234,4 +239,4 @@ def write_report(sweep_dir: Path, baseline: str | None = None, margin: float | N
     atomic_write_text(sweep_dir / "report.html", report_html(f"GRPO stabilizer sweep: {sweep_dir.name}", tables_md,
                                                              claims_md, images, common_config(sweep),
                                                              sweep.problems))
-    return sweep, {"plots": sorted(images), "claims": claims}
+    return sweep, {"plots": sorted(images), "claims": claims, "warning": warning}

@@ -53,7 +53,6 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("entropy_rollout", NUMBER, "mean rollout entropy over the last quarter of steps"),
     Field("reward", NUMBER, "mean reward over the last quarter of steps"),
     Field("reward_first", NUMBER, "mean reward over the first quarter of steps"),
-    Field("frac_truncated", NUMBER, "mean over generation steps of the completions cut at the budget without EOS"),
     # cost
     Field("wall_clock_s", NUMBER, "training seconds, metrics excluded"),
     Field("time_generation_s", NUMBER, "seconds generating rollouts"),
@@ -69,6 +68,7 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("steps_done", NUMBER, "optimizer steps recorded in metrics.jsonl"),
     Field("run_seconds", NUMBER, "the run's whole duration, setup and evals included"),
     Field("error", TEXT, "why a run is not ok (first line; traceback in error.log)"),
+    Field("frac_truncated", NUMBER, "mean over generation steps of the completions cut at the budget without EOS; after the older columns, so that summary.csv files on disk keep their column order"),
     # summary.json only
     Field("accuracy_base_memoized", FLAG, "the base accuracy came from the eval memo (same weights, same items)",
           csv=False),
@@ -97,7 +97,8 @@ CI_METRICS = [("accuracy", "accuracy"), ("accuracy_gain", "accuracy_gain"), ("kl
 LEADERBOARD_COLUMNS = ["method", "rank", "n_seeds", "n_failed", "accuracy_mean", "accuracy_std", "accuracy_gain",
                        "kl_ref_mean", "kl_step_mean", "entropy_final", "wall_clock_s", "time_vs_kl_grpo",
                        "trainable_params", "peak_mem_mb", "sweeps", "variant", "config_digest",
-                       *[f"{name}_ci_{end}" for name, _ in CI_METRICS for end in ("low", "high")]]
+                       *[f"{name}_ci_{end}" for name, _ in CI_METRICS for end in ("low", "high")],
+                       "lora_scaling", "lr", "lr_tuned", "tuning_trials", "tuning_budget"]  # bench.protocol
 
 # metrics.jsonl: what reports plot must be numbers where present
 CURVE_COLUMNS = ("kl_ref", "kl_ref_k3", "kl_step", "entropy", "entropy_probe", "reward")
@@ -286,5 +287,7 @@ def load_items(sweep: Sweep) -> dict:
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """summary.csv: the CSV run fields, then the configuration's identity (bench.variants)."""
-    return runs[SUMMARY_COLUMNS + IDENTITY_COLUMNS]
+    """summary.csv: the CSV run fields, then the configuration's identity (bench.variants), then its comparison
+    protocol (learning rate, LoRA scaling, tuning: bench.protocol)."""
+    from bench.protocol import PROTOCOL_COLUMNS
+    return runs[SUMMARY_COLUMNS + IDENTITY_COLUMNS + PROTOCOL_COLUMNS]

@@ -359,7 +359,8 @@ def prepare(spec: RunSpec, method: Method, device: str, progress: bool = True, m
                            [to_prompt(q) for q in init_kl_questions], spec.temperature)
     t_init = time.perf_counter()
     with phase_bar(f"building the policy ({method.name} init)", enabled=progress):  # SVD inits take minutes on 8B
-        policy = build_policy(base, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout)
+        policy = build_policy(base, method, spec.rank, spec.lora_alpha, spec.seed, params, spec.lora_dropout,
+                              spec.use_rslora)
     init_seconds = time.perf_counter() - t_init
     return Prepared(method=method, params=params, policy=policy, tokenizer=tokenizer, to_prompt=to_prompt,
                     residual=spec.rank != "full" and method.modifies_base(params), init_seconds=init_seconds,
@@ -450,7 +451,8 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
     # prepare: the task, the policy, the initial policy kept for kl_ref, the eval set and its base accuracy
     t_setup = time.perf_counter()
     task = get_task(spec.task, **spec.task_params)
-    train_examples, evals = task.examples("train"), task.examples("eval")
+    # a run evaluated on dev (a tuning trial, bench.tune) trains without the dev items
+    train_examples, evals = task.training_examples(spec.eval_split), task.examples(spec.eval_split)
     if spec.eval_size is not None:
         evals = evals[:spec.eval_size]
     probe_questions = [e.question for e in evals[:spec.probe_size]]

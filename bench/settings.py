@@ -65,7 +65,10 @@ class SweepOptions:
     out: str | None = setting(None, "sweep directory (default results/<task>-<model>)")
     steps: int | None = setting(None, "optimizer steps per run", spec="steps")
     lr: float | None = setting(None, "learning rate", spec="lr")
-    alpha: float | None = setting(None, "LoRA alpha (default: alpha = rank)", spec="alpha")
+    alpha: float | None = setting(None, "LoRA alpha at every rank: the same as --lora-scaling fixed:N", spec="alpha")
+    lora_scaling: str | None = setting(None, "comma list of LoRA scaling rules, each a sweep axis: rank (alpha = r, "
+                                             "default), fixed:N (alpha = N), rslora or rslora:N (alpha N / sqrt(r), "
+                                             "N default 4); bench.scaling", kind="list")
     eval_size: int | None = setting(None, "evaluate on the first N eval problems (default all)", spec="eval_size")
     device: str = setting(spec_default("device"), "auto | cpu | cuda | cuda:N", spec="device")
     task_param: dict = setting({}, "task parameter, e.g. max_steps=3 (repeatable)", kind="params", spec="task_params")
@@ -77,6 +80,15 @@ class SweepOptions:
     report_to: str | None = setting(None, "experiment trackers, comma list: tensorboard, trackio, wandb, mlflow (default "
                                           "none; pip install -e \".[trackers]\"); not part of a run's identity",
                                     kind="list", metavar="TRACKERS")
+    lr_grid: str | None = setting(None, "--tune: learning rates to try, A,B,C or LOW:HIGH:N (log-spaced); default "
+                                        "the run's lr x 10^(-1,-0.5,0,0.5,1)", kind="list")
+    tune_steps: int | None = setting(None, "--tune: steps per trial (default: the run's steps)")
+    tune_seeds: str | None = setting(None, "--tune: comma list of trial seeds (default 1000)", kind="list")
+    tune_metric: str | None = setting(None, "--tune: select by dev accuracy (default) or training reward; ties: "
+                                            "lower kl_ref, then the smaller lr", choices=("accuracy", "reward"))
+
+
+TUNE_OPTIONS = ("lr_grid", "tune_steps", "tune_seeds", "tune_metric")  # only with --tune (bench.tune)
 
 
 @dataclass
@@ -88,6 +100,9 @@ class LaunchOptions:
     verbose: bool = setting(False, "print every setting of the runs at the start (default: those that differ from the "
                                    "defaults or the preset)", kind="switch")
     yes: bool = setting(False, "run even where the cost estimate says the sweep is beyond this device", kind="switch")
+    tune: bool = setting(False, "tune the learning rate per method x rank x scaling on the dev split first, then run "
+                                "the seeds at the selected rate (trials in <out>/tuning; README, \"Tuned learning "
+                                "rates\")", kind="switch")
     executor: str = setting("local", "local (this machine) or slurm (one job array)")
     jobs: str = setting("auto", "local: runs at a time, each in a worker process; 'auto': one per visible GPU on a CUDA "
                                 "machine (each worker pinned to its own), one per core on CPU for "
@@ -154,7 +169,7 @@ def set_keys() -> list[str]:
     """RunSpec fields that `--set` may change: those no option with a default of its own sets."""
     owned = {f.metadata["spec"] for f in fields(SweepOptions)
              if f.metadata["spec"] and (f.default is not None or f.default_factory is not MISSING)}
-    return [f.name for f in fields(RunSpec) if f.name not in owned]
+    return [f.name for f in fields(RunSpec) if f.name not in owned and f.metadata.get("settable", True)]
 
 
 def set_keys_help(width: int = 118) -> str:

@@ -41,6 +41,7 @@ MAX_STEPS = 100_000
 MAX_SEED = 2**32 - 1
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 EXTRACTIONS = ("strict", "flexible")
+EVAL_SPLITS = ("eval", "dev")
 
 
 def _is_number(value) -> bool:
@@ -133,12 +134,13 @@ def check_reward(reward) -> None:
         raise BenchError("bad reward: the correct and format weights are both 0 (nothing to learn from)")
 
 
-def _setting(default=None, help: str = "", factory=None):
+def _setting(default=None, help: str = "", factory=None, settable: bool = True):
     """A RunSpec field with its default and its help (TRL's GRPOConfig style): `bench run --help` lists every field
-    that `--set` may change, with this help (bench.settings)."""
+    that `--set` may change, with this help (bench.settings). settable=False: written by the harness only."""
+    meta = {"help": help, "settable": settable}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ class RunSpec:
     model: str = _setting("tiny", "'tiny' (embedded) or a Hugging Face id / local path (--model)")
     steps: int = _setting(40, "optimizer steps per run")
     lr: float = _setting(1e-3, "learning rate")
-    alpha: float | None = _setting(None, "LoRA alpha; unset: alpha = rank (scaling 1)")
+    alpha: float | None = _setting(None, "LoRA alpha at every rank: the older spelling of lora_scaling fixed:N, folded "
+                                         "into it (always unset after)")
     method_params: dict = _setting(help="overrides of the method's parameters, e.g. rho (--method-param)",
                                    factory=dict)
     num_generations: int = _setting(8, "G: completions per prompt (the GRPO group)")
@@ -179,6 +182,11 @@ class RunSpec:
                                "harness or the method owns are refused", factory=dict)
     generation_backend: str = _setting("transformers", "rollouts: transformers (the model's generate) or vllm "
                                                        "(TRL's colocated vLLM; CUDA, optional)")
+    lora_scaling: str = _setting("rank", "LoRA scaling rule: rank (alpha = r), fixed:N (alpha = N) or rslora[:N] "
+                                         "(alpha N / sqrt(r), N default 4); bench.scaling")
+    eval_split: str = _setting("eval", "the split evaluated: eval, or dev (learning-rate tuning trials, bench.tune)")
+    tuning: dict = _setting(help="how lr was selected (written by bench run --tune); empty: lr was set, not tuned",
+                            factory=dict, settable=False)
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or parse_rank(self.rank) != self.rank:
@@ -231,6 +239,15 @@ class RunSpec:
         # a negative alpha flips the sign of every LoRA update; nan/inf poison the first step
         if self.alpha is not None and not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
             raise BenchError(f"bad alpha {self.alpha!r}: must be a finite number > 0 (or unset: alpha = rank)")
+        from bench.scaling import with_alpha
+        # one spelling per configuration: alpha N is fixed:N, and rank `full` has no adapter to scale
+        object.__setattr__(self, "lora_scaling", "rank" if self.rank == "full" else
+                           with_alpha(self.lora_scaling, self.alpha))
+        object.__setattr__(self, "alpha", None)
+        if self.eval_split not in EVAL_SPLITS:
+            raise BenchError(f"bad eval_split {self.eval_split!r}; valid: {', '.join(EVAL_SPLITS)}")
+        if not isinstance(self.tuning, dict):
+            raise BenchError(f"bad tuning {self.tuning!r}: expected a mapping (written by bench tune)")
         self._check_method_grpo()
 
     def _check_method_grpo(self) -> None:
@@ -247,13 +264,29 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        return f"{self.method}_r{self.rank}_s{self.seed}"
+        """method_r{rank}_s{seed}; a scaling other than `rank` adds its name (fixed16, rslora4), and a run evaluated
+        on another split than eval (a tuning trial) adds its learning rate and the split."""
+        rid = f"{self.method}_r{self.rank}_s{self.seed}"
+        if self.lora_scaling != "rank":
+            rid += "_" + self.lora_scaling.replace(":", "")
+        if self.eval_split != "eval":
+            rid += f"_lr{self.lr:g}_{self.eval_split}"
+        return rid
+
+    @property
+    def scaling(self):
+        from bench.scaling import parse_scaling
+        return parse_scaling(self.lora_scaling)
 
     @property
     def lora_alpha(self) -> float | None:
         if self.rank == "full":
             return None  # no adapter
-        return float(self.alpha if self.alpha is not None else self.rank)
+        return self.scaling.lora_alpha(int(self.rank))
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.rank != "full" and self.scaling.use_rslora
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,11 +27,13 @@ from bench.tables import collect
 
 
 def grid(methods: list[str], ranks: list, seeds: list[int], method_params: dict | None = None,
-         **common) -> list[RunSpec]:
-    """method_params: {method: {param: value}} (each method gets only its own)."""
+         scalings: list[str] | None = None, **common) -> list[RunSpec]:
+    """method_params: {method: {param: value}} (each method gets only its own); scalings: LoRA scaling rules
+    (bench.scaling), one more axis (rank `full` has none: its run appears once)."""
     per = method_params or {}
-    return [RunSpec(method=m, rank=r, seed=s, method_params=dict(per.get(m, {})), **common)
-            for m in methods for r in ranks for s in seeds]
+    specs = [RunSpec(method=m, rank=r, seed=s, method_params=dict(per.get(m, {})), lora_scaling=sc, **common)
+             for m in methods for r in ranks for sc in scalings or ["rank"] for s in seeds]
+    return list(dict.fromkeys(specs))
 
 
 def check_writable(out: Path) -> None:

@@ -61,6 +61,8 @@ def markdown_tables(df: pd.DataFrame) -> str:
     ok = df[df.status == "ok"]
     ranks = sorted({str(r) for r in df["rank"]}, key=rank_order)
     rows = list(dict.fromkeys(zip(df["method"], df["variant"])))
+    from bench.protocol import lr_markdown
+    lines += lr_markdown(df, rows, ranks, label)  # the learning rate, its tuning and the LoRA scaling of each cell
     for column, title, fmt in TABLES:
         lines += [f"## {title}", "", "| method | " + " | ".join(f"r={r}" for r in ranks) + " |",
                   "|---|" + "---|" * len(ranks)]

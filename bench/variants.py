@@ -78,6 +78,10 @@ def assign(runs: pd.DataFrame, specs: dict) -> pd.DataFrame:
                              "unknown-" + digest({"method": row.method, "rank": str(row.rank),
                                                   "eval_items": eval_n[row.key]})
                              for row in runs.itertuples()]
+    # a tuned learning rate is each cell's own outcome of one protocol (the `tuning.*` settings), not a variant of
+    # the method nor a context of the claims: runs tuned alike share their rows and pair across ranks
+    settings = {k: (None if s is None else {**s, "lr": "tuned"} if any(n.startswith("tuning.") for n in s) else s)
+                for k, s in settings.items()}
     runs["variant"] = ""
     for method, g in runs.groupby("method", sort=False):
         known = [settings[k] for k in g.key if settings[k] is not None]
@@ -100,6 +104,9 @@ def assign(runs: pd.DataFrame, specs: dict) -> pd.DataFrame:
                                               for c in known_ctx}) > 1]
     runs["context"] = [("config unknown" if ctx[k] is None else
                         ", ".join(f"{n}={_value(ctx[k].get(n, _ABSENT))}" for n in ctx_differ)) for k in runs.key]
+    from bench.protocol import protocol
+    for column, values in protocol(runs.key, specs).items():
+        runs[column] = values
     return runs
 
 

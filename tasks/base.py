@@ -84,5 +84,15 @@ class Task:
     def examples(self, split: str) -> list[Example]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def training_examples(self, eval_split: str = "eval") -> list[Example]:
+        """The train split of a run evaluated on eval_split: all of train for the eval split; for another split (dev,
+        which a task may carve from train) train less that split's questions, so that a tuning trial is never
+        selected on items it trained on."""
+        train = self.examples("train")
+        if eval_split == "eval":
+            return train
+        held_out = {e.question for e in self.examples(eval_split)}
+        return [e for e in train if e.question not in held_out]
+
     def describe(self) -> dict:
         return {"name": self.name, **self.params}

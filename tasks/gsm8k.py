@@ -4,6 +4,10 @@ PATH is a .jsonl file (its last 10% becomes the eval split) or a directory holdi
 `test.jsonl`. Every record needs a string `question` and an `answer` whose last line is `#### N`; an optional `id`
 (unique in its file) names the item in the per-item eval records (else its index in the eval split does).
 The eval split is the whole test set (openai/gsm8k `test`: 1319 problems) unless a run sets `eval_size`.
+The dev split (learning-rate tuning, bench.tune) is carved from train: its last `n_dev` records (default 500, at most
+a tenth of train), less any whose question is also in the eval split, so dev never overlaps eval. Dev items stay in
+the train split: a run evaluated on dev (a tuning trial) trains without them (bench.runner), a run evaluated on eval
+trains on all of train.
 """
 from __future__ import annotations
 
@@ -53,15 +57,24 @@ def read_jsonl(path: Path) -> list[Example]:
     return out
 
 
+N_DEV = 500  # binomial standard error of at most 2.2 accuracy points
+
+
 class GSM8K(Task):
     # GSM8K's gold solutions run to hundreds of tokens (a 1024-token BPE trained on its train split: median 131,
     # longest 517): RunSpec's 64 would cut most of them. 512 (at most, and for chat models) is the budget of the
     # suite's GSM8K preset (qwen3-0.6b-gsm8k).
     budget = CompletionBudget(at_most=512, multiple=64, chat=512)
 
-    def __init__(self, data: str | None = None):
-        super().__init__("gsm8k", {"data": str(data) if data else "openai/gsm8k:main"})
+    def __init__(self, data: str | None = None, n_dev: int = N_DEV):
+        if isinstance(n_dev, bool) or not isinstance(n_dev, int) or n_dev < 0:
+            raise BenchError(f"gsm8k: bad n_dev {n_dev!r}: a non-negative integer")
+        params = {"data": str(data) if data else "openai/gsm8k:main"}
+        if n_dev != N_DEV:
+            params["n_dev"] = n_dev
+        super().__init__("gsm8k", params)
         self.data = Path(data) if data else None
+        self.n_dev = n_dev
         self._splits: dict[str, list[Example]] | None = None
 
     def _load(self) -> dict[str, list[Example]]:
@@ -92,13 +105,21 @@ class GSM8K(Task):
                 "eval": [Example(r["question"], r["answer"]) for r in ds["test"]]}
 
     def examples(self, split: str) -> list[Example]:
-        if split not in ("train", "eval"):
-            raise BenchError(f"gsm8k: unknown split {split!r}; valid: train, eval")
+        if split not in ("train", "eval", "dev"):
+            raise BenchError(f"gsm8k: unknown split {split!r}; valid: train, eval, dev")
         if self._splits is None:
             self._splits = self._load()
+            self._splits["dev"] = dev_split(self._splits["train"], self._splits["eval"], self.n_dev)
         return self._splits[split]
 
 
+def dev_split(train: list[Example], evals: list[Example], n_dev: int) -> list[Example]:
+    """The last min(n_dev, len(train) // 10) train records whose question is not in the eval split."""
+    n = min(n_dev, len(train) // 10)
+    in_eval = {e.question.strip() for e in evals}
+    return [e for e in train[len(train) - n:] if e.question.strip() not in in_eval] if n else []
+
+
 @register_task("gsm8k", "GSM8K: openai/gsm8k (main) from the hub, or local jsonl with --data PATH")
-def _make_gsm8k(data: str | None = None) -> Task:
-    return GSM8K(data=data)
+def _make_gsm8k(data: str | None = None, n_dev: int = N_DEV) -> Task:
+    return GSM8K(data=data, n_dev=n_dev)

@@ -20,7 +20,7 @@ V1_SUMMARY_COLUMNS = ["run_id", "method", "rank", "seed", "status", "accuracy_ba
 
 
 def test_summary_and_leaderboard_columns_are_those_on_disk():
-    assert SUMMARY_COLUMNS == V1_SUMMARY_COLUMNS
+    assert SUMMARY_COLUMNS[:len(V1_SUMMARY_COLUMNS)] == V1_SUMMARY_COLUMNS  # new columns only after the old ones
     assert LEADERBOARD_COLUMNS[:17] == ["method", "rank", "n_seeds", "n_failed", "accuracy_mean", "accuracy_std",
                                         "accuracy_gain", "kl_ref_mean", "kl_step_mean", "entropy_final",
                                         "wall_clock_s", "time_vs_kl_grpo", "trainable_params", "peak_mem_mb",
@@ -98,7 +98,8 @@ def test_collect_writes_the_declared_columns(tmp_path):
     _old_run(sweep, "kl_grpo", error=None)
     df = collect(sweep)
     table = pd.read_csv(sweep / "summary.csv")
-    assert list(table.columns) == SUMMARY_COLUMNS + ["config_digest", "variant"] and len(df) == 2
+    assert list(table.columns) == SUMMARY_COLUMNS + ["config_digest", "variant", "lr", "lora_scaling", "lr_tuned",
+                                                     "tuning_trials"] and len(df) == 2
     assert list(table["rank"]) == [4, 4] and list(table.accuracy) == [0.4, 0.4]
 
 

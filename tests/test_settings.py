@@ -16,7 +16,12 @@ from bench.spec import RunSpec
 OLD_DEFAULTS = {"methods": "all", "ranks": "4,16,64", "seeds": "0", "task": "synth-gsm", "model": "tiny",
                 "data": None, "out": None, "steps": None, "lr": None, "alpha": None, "eval_size": None,
                 "device": "auto", "task_param": {}, "set": {}, "method_param": {}, "final_eval": None}
-NOT_SETTABLE = {"method", "rank", "seed", "task", "task_params", "model", "device", "method_params"}
+NOT_SETTABLE = {"method", "rank", "seed", "task", "task_params", "model", "device", "method_params",
+                "tuning"}  # tuning: written by bench run --tune only
+# declared since: --lora-scaling (a sweep axis, bench.scaling), --report-to (bench.trackers) and the --tune options
+# (bench.tune)
+ADDED = {"lora_scaling": None, "report_to": None, "lr_grid": None, "tune_steps": None, "tune_seeds": None,
+         "tune_metric": None}
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -25,8 +30,9 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def test_defaults_and_set_keys_are_those_of_before():
-    assert settings.defaults() == OLD_DEFAULTS
-    assert list(settings.defaults()) == list(OLD_DEFAULTS)  # the order of "valid: ..." in a bad config file's error
+    assert settings.defaults() == {**OLD_DEFAULTS, **ADDED}
+    # the order of "valid: ..." in a bad config file's error
+    assert [k for k in settings.defaults() if k not in ADDED] == list(OLD_DEFAULTS)
     assert set(settings.set_keys()) == {f.name for f in fields(RunSpec)} - NOT_SETTABLE
     assert settings.always_options() == {"task": "task", "model": "model", "device": "device"}
     assert settings.given_options() == {"steps": ("steps", int), "lr": ("lr", float), "alpha": ("alpha", float),
@@ -79,7 +85,7 @@ def test_layers_defaults_preset_config_flags(tmp_path):
     assert o["set"]["temperature"] == 0.7 and o["set"]["num_generations"] == 16  # merged key by key
     assert o["method_param"] == {"kl_grpo.beta": 0.1}  # file's key replaces the preset's same key
     assert o["device"] == "auto"  # default, set by nobody
-    assert resolve_run_options(_args()) == {**OLD_DEFAULTS}
+    assert resolve_run_options(_args()) == {**OLD_DEFAULTS, **ADDED}
 
 
 def test_flags_win_over_set_and_casts_name_the_flag():
@@ -89,7 +95,8 @@ def test_flags_win_over_set_and_casts_name_the_flag():
     spec, = build_specs(resolve_run_options(_args(**base, set="steps=9", steps="3")))
     assert spec.steps == 3
     spec, = build_specs(resolve_run_options(_args(**base, alpha="8", eval_size="5", final_eval="lm-eval")))
-    assert (spec.alpha, spec.eval_size, spec.final_eval) == (8.0, 5, "lm-eval")
+    # --alpha N is lora_scaling fixed:N (bench.scaling), the one spelling a run records
+    assert (spec.lora_scaling, spec.lora_alpha, spec.eval_size, spec.final_eval) == ("fixed:8", 8.0, 5, "lm-eval")
     with pytest.raises(BenchError, match=r"^bad --eval-size 'x'$"):
         build_specs(resolve_run_options(_args(**base, eval_size="x")))
     with pytest.raises(BenchError, match=r"unknown --set key\(s\) model; valid: alpha, checkpoint_every"):
