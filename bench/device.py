@@ -51,7 +51,7 @@ class PeakMemory:
 
 # ---- one GPU per local worker ----------------------------------------------------------------------------------
 # One GPU per local worker: which CUDA device each worker process of a parallel sweep sees.
-# 
+#
 # A worker is pinned by setting CUDA_VISIBLE_DEVICES in the fresh (spawned) process before anything in it initializes
 # CUDA (https://docs.nvidia.com/cuda/cuda-c-programming-guide/#env-vars); its runs then use `cuda` (= its one GPU).
 # Worker i gets the i-th visible GPU; with more workers than GPUs they share them round-robin. Runs that name a device

@@ -213,7 +213,8 @@ def _eval_memo_key(model, tokenizer, prompts, max_new_tokens: int, batch_size: i
     tok = _tokenizer_state(tokenizer)
     parts = [acting_weights_digest(model), model.config.to_json_string(), model.generation_config.to_json_string(),
              str(getattr(model.config, "_attn_implementation", None)), tok, tokenizer.padding_side,
-             repr(tokenizer.pad_token_id), repr(tokenizer.eos_token_id), repr(getattr(tokenizer, "chat_template", None)),
+             repr(tokenizer.pad_token_id), repr(tokenizer.eos_token_id),
+             repr(getattr(tokenizer, "chat_template", None)),
              repr(getattr(tokenizer, "clean_up_tokenization_spaces", None)), json.dumps(list(prompts), default=str),
              str(max_new_tokens), str(batch_size), str(torch.get_num_threads()), *_hardware(device),
              torch.__version__, transformers.__version__, _peft_version(), inspect.getsource(sys.modules[__name__])]

@@ -37,8 +37,8 @@ def build_model_dir(path: Path, layers: int) -> Path:
 
 
 def main(argv=None) -> int:
-    from bench.perf import MethodBench, _rows, machine, method_step_ratios
     from bench.device import resolve_device
+    from bench.perf import MethodBench, _rows, machine, method_step_ratios
     from bench.provenance import versions
     from bench.spec import RunSpec
 

@@ -103,7 +103,7 @@ class RolloutBatch:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
 
-    def head(self, n: int) -> "RolloutBatch":
+    def head(self, n: int) -> RolloutBatch:
         return RolloutBatch(self.prompt_ids[:n], self.prompt_mask[:n], self.completion_ids[:n],
                             self.completion_mask[:n])
 

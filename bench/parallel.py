@@ -60,7 +60,7 @@ def auto_jobs(specs: list[RunSpec]) -> int:
     return max(1, min(cpu_count(), by_memory, len(specs)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_parameters(model: str) -> int:
     """Once per model and process: asked by --jobs auto and again by every run for its thread count."""
     return _parameter_count(load_config(model))

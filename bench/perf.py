@@ -42,9 +42,9 @@ class MethodBench:
 
     def __init__(self, method_name: str, spec, model_name: str, device: str, rows: list, attn: str | None = None,
                  trainer_cls=None, label: str | None = None):
-        from datasets import Dataset
-
         import tempfile
+
+        from datasets import Dataset
 
         from bench.engine import make_trainer
         from bench.metrics import InitialPolicy

@@ -18,8 +18,8 @@ def check_sweep(args, options: dict, specs, out: Path, existing_runs: bool = Tru
     itself, since their learning rates are known only after tuning). --tune options are refused without --tune.
     Returns the experiment trackers (bench.trackers.Tracking, or None): a tracker that cannot start stops here,
     before any run."""
-    from bench.models import check_weights, resolve_model_path
     from bench.device import resolve_device
+    from bench.models import check_weights, resolve_model_path
     from bench.threads import env_threads
     from bench.trackers import make_tracking
     check_executor_flags(args)

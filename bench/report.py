@@ -15,8 +15,8 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import markdown
+import numpy as np
 import pandas as pd
 
 from bench import claims as claims_registry

@@ -68,7 +68,8 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("steps_done", NUMBER, "optimizer steps recorded in metrics.jsonl"),
     Field("run_seconds", NUMBER, "the run's whole duration, setup and evals included"),
     Field("error", TEXT, "why a run is not ok (first line; traceback in error.log)"),
-    Field("frac_truncated", NUMBER, "mean over generation steps of the completions cut at the budget without EOS; after the older columns, so that summary.csv files on disk keep their column order"),
+    Field("frac_truncated", NUMBER, "mean over generation steps of the completions cut at the budget without EOS "
+          "(after the older columns: summary.csv files on disk keep their column order)"),
     # summary.json only
     Field("accuracy_base_memoized", FLAG, "the base accuracy came from the eval memo (same weights, same items)",
           csv=False),

@@ -15,9 +15,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from datasets import Dataset
@@ -375,7 +375,7 @@ class EvalSet:
     ids: list
 
     @classmethod
-    def of(cls, examples: list, to_prompt: Callable) -> "EvalSet":
+    def of(cls, examples: list, to_prompt: Callable) -> EvalSet:
         return cls([to_prompt(e.question) for e in examples], [e.gold for e in examples],
                    [e.id if e.id is not None else str(i) for i, e in enumerate(examples)])
 

@@ -98,7 +98,7 @@ def check_grpo_settings(settings) -> None:
             raise BenchError(f"bad grpo setting {key}={value!r}: GRPOConfig declares {_type_name(hints[key])}")
 
 
-def check_grpo_config(spec: "RunSpec") -> None:
+def check_grpo_config(spec: RunSpec) -> None:
     """The run's whole GRPOConfig built as the engine builds it (bench.engine.grpo_config), with its output_dir a
     path that is never created: TRL's and transformers' own __post_init__ checks (scheduler names, option
     combinations) run here, before any training. bf16 is left off: on a CPU login node submitting GPU runs to
@@ -298,7 +298,7 @@ class RunSpec:
         return hash(self.key())
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunSpec":
+    def from_dict(cls, d: dict) -> RunSpec:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

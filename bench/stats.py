@@ -155,7 +155,7 @@ def improvement_intervals(table: pd.DataFrame, group: str, stratum: str, value: 
         k = len(common)
         ci = None
         if min(row["n"], sum(len(y) for y in ys)) >= min_n:
-            ci = _bootstrap(xs + ys, lambda full: np.mean([_u_fraction(full[i], full[k + i]) for i in range(k)],
+            ci = _bootstrap(xs + ys, lambda full: np.mean([_u_fraction(full[i], full[k + i]) for i in range(k)],  # noqa: B023 (called at once)
                                                           axis=0), resamples, seed, confidence)
         if ci is None:
             row["note"] = f"n < {min_n}" if min(row["n"], sum(len(y) for y in ys)) < min_n else "one run per stratum"

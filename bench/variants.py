@@ -83,7 +83,7 @@ def assign(runs: pd.DataFrame, specs: dict) -> pd.DataFrame:
     settings = {k: (None if s is None else {**s, "lr": "tuned"} if any(n.startswith("tuning.") for n in s) else s)
                 for k, s in settings.items()}
     runs["variant"] = ""
-    for method, g in runs.groupby("method", sort=False):
+    for _, g in runs.groupby("method", sort=False):
         known = [settings[k] for k in g.key if settings[k] is not None]
         keys = sorted({k for s in known for k in s} - {"rank", "method"})
         differ = [k for k in keys

@@ -23,8 +23,8 @@ field differently are an error.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable
 
 from bench.errors import BenchError, unknown_name
 
@@ -143,5 +143,4 @@ def method_names(spec: str) -> list[str]:
     return names
 
 
-from methods import lora_grpo, proma, svd_init  # noqa: E402,F401  (register)
-from methods import loss_variants, entropy, covariance  # noqa: E402,F401  (register; after the adapter methods)
+from methods import covariance, entropy, lora_grpo, loss_variants, proma, svd_init  # noqa: E402,F401  (register)  # noqa: E402,F401  (register; after the adapter methods)

@@ -60,7 +60,7 @@ class TokenFraction(TrainerCallback):
             self.trainer.add_step_metrics({self.name: float(self.selected) / float(self.total)})
 
     @classmethod
-    def installed(cls, trainer, name: str) -> "TokenFraction":
+    def installed(cls, trainer, name: str) -> TokenFraction:
         counter = cls(trainer, name)
         trainer.add_callback(counter)  # before the harness's callbacks (bench.engine's contract)
         return counter

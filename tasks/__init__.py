@@ -1,10 +1,10 @@
 """Task registry: tasks register a factory by name; the harness looks them up with `get_task`."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from bench.errors import unknown_name
-from tasks.base import CompletionBudget, Example, Task, RewardConfig, plain_prompt, chat_prompt  # noqa: F401
+from tasks.base import CompletionBudget, Example, RewardConfig, Task, chat_prompt, plain_prompt  # noqa: F401
 
 TASKS: dict[str, Callable[..., Task]] = {}
 DESCRIPTIONS: dict[str, str] = {}
@@ -24,4 +24,4 @@ def get_task(name: str, **params) -> Task:
     return TASKS[name](**params)
 
 
-from tasks import synth_gsm, gsm8k  # noqa: E402,F401  (register)
+from tasks import gsm8k, synth_gsm  # noqa: E402,F401  (register)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tasks.answers import is_correct, extract_strict, FALLBACK, truncate_at_stop
+from tasks.answers import FALLBACK, extract_strict, is_correct, truncate_at_stop
 
 INSTRUCTION = "Solve the math word problem step by step. Write the final answer on its own line as '#### N'."
 

@@ -3,8 +3,15 @@ import json
 
 import pytest
 
-from tasks.answers import (FLEXIBLE_PATTERN, STRICT_PATTERN, extract_flexible, extract_strict, is_correct,
-                           normalize, truncate_at_stop)
+from tasks.answers import (
+    FLEXIBLE_PATTERN,
+    STRICT_PATTERN,
+    extract_flexible,
+    extract_strict,
+    is_correct,
+    normalize,
+    truncate_at_stop,
+)
 
 SAMPLES = [
     "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72",
@@ -34,8 +41,9 @@ def lm_eval_filters():
 
 def test_patterns_are_lm_evals_own():
     """Our regexes are the ones in lm-eval's installed gsm8k.yaml (not a copy that could drift)."""
-    import lm_eval
     from pathlib import Path
+
+    import lm_eval
     import yaml
     text = (Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text()
     cfg = yaml.safe_load(text.replace("!function", ""))

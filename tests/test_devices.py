@@ -1,10 +1,12 @@
-"""One GPU per local worker (bench.device, bench.parallel, bench.sweep): checked on CPU through the environment each worker gets."""
+"""One GPU per local worker (bench.device, bench.parallel, bench.sweep): checked on CPU through the environment each
+worker gets."""
 import multiprocessing as mp
 import time
 
 import pytest
 
-from bench import device as devices, parallel, sweep
+from bench import device as devices
+from bench import parallel, sweep
 from bench.spec import RunSpec
 
 

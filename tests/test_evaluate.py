@@ -11,9 +11,10 @@ SMALL = dict(steps=2, probe_size=2, kl_step_seqs=2, max_completion_length=48, ch
 
 
 def test_local_task_is_the_stock_gsm8k_task_on_local_data(tmp_path):
+    from pathlib import Path
+
     import lm_eval
     import yaml
-    from pathlib import Path
     stock = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks/gsm8k/gsm8k.yaml").read_text())
     task = local_task_yaml("bench_x", tmp_path / "t.jsonl", 48)
     for key in ("doc_to_text", "doc_to_target", "filter_list", "metric_list", "output_type"):

@@ -5,8 +5,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from bench.metrics import (InitialPolicy, RolloutBatch, StepKL, completion_logprobs, completion_mask,
-                           kl_to_reference)
+from bench.metrics import InitialPolicy, RolloutBatch, StepKL, completion_logprobs, completion_mask, kl_to_reference
 
 V, EOS = 13, 0
 

@@ -83,6 +83,7 @@ def test_chat_template_model_gets_conversational_prompts(tmp_path, tiny):
 def test_merged_adapter_generation_matches_and_restores(tiny):
     """Generation with LoRA folded into the weights gives the same text, and leaves the weights untouched."""
     from peft import LoraConfig, get_peft_model
+
     from bench.generation import merged_adapters
     model, tok = load_policy("tiny")
     torch.manual_seed(0)

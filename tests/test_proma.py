@@ -331,6 +331,7 @@ def test_a_projected_weight_whose_forward_was_bypassed_is_an_error(tiny):
     """As TRL's fused head does with lm_head.weight: the weight is used without calling its module, so the
     forward hook never fires and the gradient would stay the advantage-free one."""
     import torch.nn.functional as F
+
     from bench.errors import BenchError
     policy, tok = _policy("full")
     projector = Projector(policy, get_method("proma").resolve_params(), intra=False)

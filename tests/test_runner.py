@@ -208,8 +208,8 @@ def test_runs_write_per_item_eval_records_also_from_the_memo(tmp_path, tiny, mon
 
 @pytest.mark.slow
 def test_a_run_directory_without_eval_records_still_works(tmp_path, tiny):
-    from bench.evaluate import eval_records, evaluate_run
     from bench.errors import BenchError
+    from bench.evaluate import eval_records, evaluate_run
     _, s = _run(tmp_path, tiny, steps=1)
     for phase in ("base", "final"):  # as written before the records existed
         (tmp_path / "run" / f"eval_{phase}.jsonl").unlink()

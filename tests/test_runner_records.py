@@ -1,4 +1,5 @@
-"""What a run directory holds decides what run_one does: skip, resume, re-run, or refuse (bench.runner.check_run_dir)."""
+"""What a run directory holds decides what run_one does: skip, resume, re-run, or refuse
+(bench.runner.check_run_dir)."""
 import json
 
 import pytest

@@ -75,7 +75,7 @@ def test_two_concurrent_collects_leave_valid_files(tmp_path):
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"run_id": d.name, "method": "kl_free_lora", "rank": str(i + 1),
                                                     "seed": 0, "status": "ok", "accuracy": 0.5, "kl_ref": 0.01}))
-    code = "from pathlib import Path; from bench.sweep import collect\nfor _ in range(15): collect(Path(%r))" % str(out)
+    code = f"from pathlib import Path; from bench.sweep import collect\nfor _ in range(15): collect(Path({str(out)!r}))"
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
     import pandas as pd
     seen = 0

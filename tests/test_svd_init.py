@@ -152,6 +152,7 @@ def test_short_run_reference_is_initial_policy(tmp_path, tiny, method):
 def test_saved_adapter_reloads_onto_the_original_base(tmp_path, tiny, method):
     """Train-like change of the adapter, save it, load it onto a fresh original base: same logits."""
     from peft import PeftModel
+
     from bench.runner import save_trained
     base, tok = load_policy("tiny")
     m = get_method(method)
@@ -179,6 +180,7 @@ def test_saved_adapter_reloads_onto_the_original_base(tmp_path, tiny, method):
 def _lora_policy(method, rank, alpha, rslora):
     """PEFT's LoraConfig directly (build_policy has no rsLoRA switch), then the method's initializer."""
     from peft import LoraConfig, get_peft_model
+
     from methods import QWEN3_TARGETS
     base, tok = load_policy("tiny")
     m = get_method(method)
@@ -212,7 +214,8 @@ def test_svd_inits_with_scaling_other_than_one(tiny, method, alpha, rslora):
             _assert_is_geora_part(ba, w, rank)
         else:
             u, s, vh = np.linalg.svd(w, full_matrices=False)
-            part = (u[:, -rank:] * s[-rank:]) @ vh[-rank:] if method == "milora" else (u[:, :rank] * s[:rank]) @ vh[:rank]
+            part = ((u[:, -rank:] * s[-rank:]) @ vh[-rank:] if method == "milora"
+                    else (u[:, :rank] * s[:rank]) @ vh[:rank])
             assert np.abs(ba - part).max() < 1e-4
         residual = layer.get_base_layer().weight.detach().double().numpy()
         assert np.abs(residual + ba - w).max() < 1e-5

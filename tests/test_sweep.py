@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bench.io import read_json, read_jsonl
-from bench.spec import RunSpec
 from bench.parallel import SMALL_MODEL_PARAMS, _parameter_count, auto_jobs, cpu_count, default_threads
+from bench.spec import RunSpec
 from bench.sweep import run_sweep
 
 SMALL = dict(steps=2, eval_size=8, probe_size=4, probe_every=1, kl_step_seqs=4, checkpoint_every=2,

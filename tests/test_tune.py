@@ -11,9 +11,8 @@ from bench.errors import BenchError
 from bench.spec import RunSpec
 from bench.tune import RULES, Trial, TuneConfig, parse_config, parse_grid, plan, select
 from tasks import get_task
-from tasks.gsm8k import dev_split
 from tasks.base import Example
-
+from tasks.gsm8k import dev_split
 
 # ---- the grid ----------------------------------------------------------------------------------------------------
 
