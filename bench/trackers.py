@@ -202,6 +202,9 @@ class Session:
                 import wandb
                 if wandb.run is not None:
                     wandb.finish(exit_code=0 if ok else 1)
+                # wandb keeps the settings of its first run in a process-wide singleton (WANDB_DIR included): torn
+                # down, the next run of an in-process sweep reads its own (https://docs.wandb.ai/ref/python/teardown)
+                wandb.teardown()
             if "trackio" in self.tracking.names:
                 import trackio
                 if trackio.context_vars.current_run.get() is not None:

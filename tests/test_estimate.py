@@ -31,7 +31,8 @@ def llama_7b(tmp_path, tiny):
 
 
 def test_a_7b_model_on_cpu_is_refused_unless_yes(llama_7b):
-    spec = RunSpec(method="kl_free_lora", rank=4, model=str(llama_7b), device="cpu")
+    # 400 steps: beyond a day per run at any CPU's rate (at 40 steps an idle 2-core machine comes within a day)
+    spec = RunSpec(method="kl_free_lora", rank=4, model=str(llama_7b), device="cpu", steps=400)
     est = estimate([spec], calibrate=True)  # too large to calibrate: the weights are never read
     assert est.step_s is None
     # 6 N T over the measured rate, N counted independently from Llama's shapes
@@ -48,12 +49,13 @@ def test_a_7b_model_on_cpu_is_refused_unless_yes(llama_7b):
 
 def test_cli_refuses_in_one_line_with_exit_2(llama_7b, tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", str(llama_7b), "--methods",
-                          "kl_free_lora", "--ranks", "4", "--device", "cpu", "--out", str(tmp_path / "sweep")],
+                          "kl_free_lora", "--ranks", "4", "--device", "cpu", "--steps", "400",
+                          "--out", str(tmp_path / "sweep")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench: error: at least ") and "--yes" in lines[0]
-    assert "cost estimate: 1 run(s) to do x 40 steps" in out.stdout
+    assert "cost estimate: 1 run(s) to do x 400 steps" in out.stdout
     assert not list((tmp_path / "sweep").glob("*/config.json"))  # nothing ran
 
 

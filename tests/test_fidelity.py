@@ -83,8 +83,9 @@ def test_second_step_importance_ratio_is_live_for_clipped_methods(tmp_path, tiny
             seen.append((self.state.global_step, gap))
             return super()._compute_loss(model, inputs)
 
-    make_trainer = engine.make_trainer
-    monkeypatch.setattr(engine, "make_trainer", lambda *a, **kw: make_trainer(*a, trainer_cls=Spy, **kw))
+    from bench import runner
+    make_trainer = engine.make_trainer  # the runner's name for it (imported at the top of bench.runner)
+    monkeypatch.setattr(runner, "make_trainer", lambda *a, **kw: make_trainer(*a, trainer_cls=Spy, **kw))
     s = run_one(RunSpec(method=method, rank=4, **SMALL), tmp_path / "run", progress=False)
     assert s["status"] == "ok", s.get("error")
     first = [gap for step, gap in seen if step == 0]

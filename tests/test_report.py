@@ -289,9 +289,9 @@ def test_report_renders_in_headless_chromium(sweep, tmp_path):
     tables = re.search(r'data-tables="(\d+)"', body)
     assert images and images.group(1) == images.group(2) == "8", body  # every image decoded in the browser
     expected = (sweep / "report.html").read_text().count("<table>")
-    # claims, learning rate and scaling per cell, 6 metrics, trained tensors, across ranks, shared eval items, runs
-    # not ok
-    assert expected == 12 and tables and int(tables.group(1)) == expected, body
+    # claims, learning rate and scaling per cell, 7 metrics (frac_truncated the 7th), trained tensors, across ranks,
+    # shared eval items, runs not ok
+    assert expected == 13 and tables and int(tables.group(1)) == expected, body
     shot = tmp_path / "report.png"
     subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", url],
                    capture_output=True, timeout=120, check=True)
