@@ -24,7 +24,7 @@ from bench.device import resolve_device
 from bench.errors import BenchError
 from bench.generation import format_prompts
 from bench.models import load_policy, uses_chat_template
-from bench.parallel import _model_parameters, run_threads
+from bench.parallel import model_parameters, run_threads
 from bench.threads import torch_threads
 from methods import get_method
 from tasks import chat_prompt, get_task, plain_prompt
@@ -124,7 +124,7 @@ def estimate(specs, jobs: int = 1, calibrate: bool = True) -> Estimate:
     spec = max(specs, key=lambda s: (s.steps, s.max_completion_length))  # the longest run speaks for all
     device = resolve_device(spec.device)
     tokenizer = load_tokenizer(spec.model)
-    parameters = _model_parameters(spec.model)
+    parameters = model_parameters(spec.model)
     threads = run_threads(spec)
     with torch_threads(threads), torch.random.fork_rng(devices=[] if device == "cpu" else [device]):
         est = Estimate(runs=len(specs), steps=spec.steps, completions_per_step=spec.micro_batch * spec.grad_accum,

@@ -35,7 +35,7 @@ SMALL_MODEL_PARAMS = 50_000_000
 def small_model_on_cpu(specs: list[RunSpec]) -> bool:
     if not specs or any(resolve_device(s.device) != "cpu" for s in specs):
         return False
-    return max(_model_parameters(m) for m in {s.model for s in specs}) < SMALL_MODEL_PARAMS
+    return max(model_parameters(m) for m in {s.model for s in specs}) < SMALL_MODEL_PARAMS
 
 
 def default_threads(specs: list[RunSpec]) -> int | None:
@@ -61,7 +61,7 @@ def auto_jobs(specs: list[RunSpec]) -> int:
 
 
 @functools.cache
-def _model_parameters(model: str) -> int:
+def model_parameters(model: str) -> int:
     """Once per model and process: asked by --jobs auto and again by every run for its thread count."""
     return _parameter_count(load_config(model))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.io import read_json, read_jsonl
-from bench.spec import stored_key
+from bench.spec import is_number, stored_key
 from bench.variants import IDENTITY_COLUMNS, assign, label, normalized_spec
 
 TEXT, NUMBER, FLAG, JSON = "text", "number", "flag", "json"  # JSON: a nested object, summary.json only
@@ -123,10 +123,6 @@ def undeclared(summary: dict, method_fields: set | frozenset = frozenset()) -> l
     return sorted(k for k in summary if k not in FIELDS and k not in method_fields)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def summary_problem(s) -> str | None:
     """Why a parsed summary.json cannot be a run summary (wrong JSON types included), or None."""
     if not isinstance(s, dict):
@@ -141,7 +137,7 @@ def summary_problem(s) -> str | None:
         return f"not a run summary (rank {rank!r} is not a positive integer or 'full')"
     for column in SUMMARY_COLUMNS:
         value = s.get(column)
-        if FIELDS[column].kind == NUMBER and value is not None and not _is_number(value):
+        if FIELDS[column].kind == NUMBER and value is not None and not is_number(value):
             return f"not a run summary ({column} {value!r} is not a number)"
     return None
 
@@ -154,7 +150,7 @@ def metrics_problem(rows) -> str | None:
             return f"line {i} is a JSON {type(row).__name__}, not an object"
         if isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
             return f"line {i}: step {row.get('step')!r} is not an integer"
-        bad = [k for k in CURVE_COLUMNS if row.get(k) is not None and not _is_number(row[k])]
+        bad = [k for k in CURVE_COLUMNS if row.get(k) is not None and not is_number(row[k])]
         if bad:
             return f"line {i}: {bad[0]} {row[bad[0]]!r} is not a number"
     return None
@@ -164,29 +160,33 @@ def _unreadable(e: Exception) -> str:
     return f"unreadable ({type(e).__name__}: truncated or not JSON)"
 
 
-def read_summary(path: Path) -> tuple[dict | None, str | None]:
-    """(summary, None), or (None, why it cannot be one); (None, None) where there is no such file."""
+def _read_checked(path: Path, problem) -> tuple[dict | None, str | None]:
+    """(the JSON file, None), or (None, why it cannot be used: unreadable, or `problem`'s answer); (None, None) where
+    there is no such file."""
     if not Path(path).is_file():
         return None, None
     try:
-        summary = read_json(path)
+        data = read_json(path)
     except (OSError, ValueError) as e:
         return None, _unreadable(e)
-    why = summary_problem(summary)
-    return (None, why) if why else (summary, None)
+    why = problem(data)
+    return (None, why) if why else (data, None)
+
+
+def _config_problem(config) -> str | None:
+    if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
+        return "not a run configuration (no \"spec\" object)"
+    return None
+
+
+def read_summary(path: Path) -> tuple[dict | None, str | None]:
+    """(summary, None), or (None, why it cannot be one); (None, None) where there is no such file."""
+    return _read_checked(path, summary_problem)
 
 
 def read_config(path: Path) -> tuple[dict | None, str | None]:
     """(config.json, None), or (None, why it cannot be a run's configuration); (None, None) where it is absent."""
-    if not Path(path).is_file():
-        return None, None
-    try:
-        config = read_json(path)
-    except (OSError, ValueError) as e:
-        return None, _unreadable(e)
-    if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
-        return None, "not a run configuration (no \"spec\" object)"
-    return config, None
+    return _read_checked(path, _config_problem)
 
 
 # ---- the loader ------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ EXTRACTIONS = ("strict", "flexible")
 EVAL_SPLITS = ("eval", "dev")
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -64,7 +64,7 @@ def _matches(value, hint) -> bool:
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     if hint is float:
-        return _is_number(value)
+        return is_number(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
@@ -126,7 +126,7 @@ def check_reward(reward) -> None:
     if unknown:
         raise BenchError(f"bad reward key(s) {', '.join(map(str, unknown))}; valid: {', '.join(valid)}")
     for name in ("correct", "format"):
-        if name in reward and not (_is_number(reward[name]) and math.isfinite(reward[name])):
+        if name in reward and not (is_number(reward[name]) and math.isfinite(reward[name])):
             raise BenchError(f"bad reward {name} {reward[name]!r}: must be a finite number")
     if reward.get("extraction", "strict") not in EXTRACTIONS:
         raise BenchError(f"bad reward extraction {reward['extraction']!r}; valid: {', '.join(EXTRACTIONS)}")
@@ -230,14 +230,14 @@ class RunSpec:
         elif not isinstance(self.grpo, dict):
             raise BenchError(f"bad grpo {self.grpo!r}: expected a mapping of GRPOConfig settings")
         check_reward(self.reward)
-        if not (_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+        if not (is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1):
             raise BenchError(f"bad lora_dropout {self.lora_dropout!r}: must be in [0, 1)")
         for name in ("lr", "temperature"):
             value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or not value > 0:
+            if not is_number(value) or not math.isfinite(value) or not value > 0:
                 raise BenchError(f"bad {name} {value!r}: must be a finite number > 0")
         # a negative alpha flips the sign of every LoRA update; nan/inf poison the first step
-        if self.alpha is not None and not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
+        if self.alpha is not None and not (is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
             raise BenchError(f"bad alpha {self.alpha!r}: must be a finite number > 0 (or unset: alpha = rank)")
         from bench.scaling import with_alpha
         # one spelling per configuration: alpha N is fixed:N, and rank `full` has no adapter to scale

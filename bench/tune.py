@@ -24,8 +24,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.io import atomic_write_json, atomic_write_text, read_json
-from bench.spec import RunSpec
+from bench.io import atomic_write_json, atomic_write_text
+from bench.results import read_summary
+from bench.spec import RunSpec, is_number
 
 TUNING_DIR = "tuning"
 DEFAULT_POINTS = 5          # default grid: the run's lr x 10^(-1, -1/2, 0, 1/2, 1)
@@ -169,7 +170,7 @@ class Selection:
 
 
 def _num(v) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None else math.nan
+    return float(v) if is_number(v) else math.nan
 
 
 def select(trials: list[Trial], metric: str = "accuracy") -> Selection:
@@ -217,11 +218,8 @@ def read_trials(specs: list[RunSpec], folder: Path) -> list[Trial]:
     """The trial runs' results from their summary.json (missing: not run or not finished)."""
     out = []
     for s in specs:
-        try:
-            summary = read_json(folder / s.run_id / "summary.json")
-        except (OSError, ValueError):
-            summary = None
-        status = summary.get("status") if isinstance(summary, dict) else None
+        summary, _ = read_summary(folder / s.run_id / "summary.json")  # unreadable or cut: not finished
+        status = summary.get("status") if summary is not None else None
         if status not in ("ok", "diverged", "failed"):
             out.append(Trial(s.lr, s.seed, "missing", run_id=s.run_id))
             continue
