@@ -287,7 +287,11 @@ def _run_launched(spec: RunSpec, run_dir: Path, nproc: int, progress: bool, bar,
             summary = read_json(summary_path)
         except (OSError, ValueError):
             summary = None
-    if not isinstance(summary, dict):
+    if isinstance(summary, dict) and summary.get("status") == "failed" and any(run_dir.glob("error_rank*.log")):
+        # rank 0 failed because another rank did (a closed connection in a collective): that rank's error is the cause
+        summary["error"] = f"{error} (rank0: {summary.get('error')})"[:500]
+        atomic_write_json(summary_path, summary)
+    elif not isinstance(summary, dict):
         summary = identity(spec)
         summary.update(status="failed", world_size=nproc,
                        error=f"a process of the {nproc}-process run failed (exit code {code}): {error}"[:500])

@@ -62,11 +62,14 @@ def test_two_process_run_completes_and_rank0_writes_whole_files(tmp_path, tiny, 
     assert not leftovers, leftovers
 
 
-# Measured on this CPU (2 cores, torch 2.13, float32): the largest differences over the 4 steps were ~1e-7 relative
-# on loss, reward and grad_norm, and ~1e-8 absolute on the adapter weights. What differs between the runs is the
-# order of float sums: the gradient all-reduce (mean of two half-batch sums), left padding of each process's prompts
-# to its own longest (rotary positions shift by a constant), and per-process micro-batch loss means.
-RTOL, ATOL = 1e-4, 1e-6
+# What differs between the two runs is the order of float sums (the gradient all-reduce averages two half-batch sums;
+# each process left-pads its prompts to its own longest, which shifts rotary positions by a constant). Measured on a
+# 2-core CPU (torch 2.13, float32), 4 steps: loss, reward, reward_std and completion_length identical; grad_norm
+# within 1.8e-7 relative; kl_ref within 2.6e-5 relative (2e-9 absolute); entropy_probe within 6.3e-8 relative; the
+# trained adapter within 9.7e-7 absolute (weights up to 0.09; one Adam step moves a weight by up to lr = 1e-3).
+# kl_step is not compared: it is measured on the step's first micro-batch, rank 0's alone (8 vs 4 rollouts).
+RTOL, ATOL = 1e-4, 1e-9      # metrics
+WEIGHTS_ATOL = 1e-5          # adapter weights: 1% of one Adam step
 
 
 def test_two_processes_match_one_process_with_fixed_rollouts(tmp_path, tiny, worker_env, monkeypatch):
@@ -90,13 +93,14 @@ def test_two_processes_match_one_process_with_fixed_rollouts(tmp_path, tiny, wor
         for key in compared:
             if key in r1 or key in r2:
                 assert r2[key] == pytest.approx(r1[key], rel=RTOL, abs=ATOL), (r1["step"], key, r1[key], r2[key])
-    assert any(r["loss"] != 0 for r in rows1[1:]) and any(r["reward_std"] > 0 for r in rows1[1:])  # a real signal
+    # a real signal: a gradient, rewards that vary (GRPO's loss itself is ~0 on-policy: advantages are zero-mean)
+    assert any(r["grad_norm"] > 0 for r in rows1[1:]) and any(r["reward_std"] > 0 for r in rows1[1:])
     assert rows1[-1]["kl_ref"] > 0  # the policy moved
     w1 = load_file(tmp_path / "one" / s.run_id / "adapter" / "adapter_model.safetensors")
     w2 = load_file(tmp_path / "two" / s.run_id / "adapter" / "adapter_model.safetensors")
     assert w1.keys() == w2.keys()
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHTS_ATOL)
     assert one["accuracy"] == two["accuracy"]
 
 
