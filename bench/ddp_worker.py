@@ -1,7 +1,7 @@
 """One rank of a multi-process run: `python -m torch.distributed.run ... -m bench.ddp_worker RUN_DIR` (started by
 bench.distributed.launch). Reads the run's spec from RUN_DIR/.launch.json, joins the process group and runs the
-run's rank (bench.runner.run_rank). Exit code 0: the run ended ok; 1 otherwise, so that torchrun tears the other
-ranks down instead of leaving them in a collective."""
+run's rank (bench.runner.run_rank). Exit code 1 where the run failed, so that torchrun tears the other ranks down
+instead of leaving them in a collective; else 0."""
 from __future__ import annotations
 
 import signal
@@ -47,7 +47,9 @@ def main(argv=None) -> int:
         if not distributed.is_main():
             atomic_write_text(run_dir / f"error_rank{distributed.rank()}.log", traceback.format_exc())
         raise
-    return 0 if status == "ok" else 1
+    # diverged and preempted runs end on every rank at the same step (bench.runner.MetricsCallback): exit 0, so that
+    # torchrun does not stop rank 0 before it has written summary.json; a failure stops the other ranks
+    return 1 if status == "failed" else 0
 
 
 if __name__ == "__main__":

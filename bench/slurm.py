@@ -32,6 +32,8 @@ PROFILE_FIELDS = {
     "timeout_min": (int, "timeout_min"), "array_parallelism": (int, "slurm_array_parallelism"),
     "signal_delay_s": (int, "slurm_signal_delay_s"), "setup": (list, "slurm_setup"),
     "additional_parameters": (dict, "slurm_additional_parameters"),
+    # the task's last GPUs, kept for a `trl vllm-serve` its setup starts (vllm_mode server): not for training
+    "vllm_server_gpus": (int, None),
 }
 # signal_delay_s: USR2 this long before the time limit, to finish the generation batch and save a checkpoint
 DEFAULT_PROFILE = {"timeout_min": 60, "cpus_per_task": 1, "array_parallelism": 64, "signal_delay_s": 300}
@@ -71,7 +73,7 @@ def load_profile_values(profile: dict, where: str = "SLURM options") -> None:
 
 
 def executor_parameters(profile: dict) -> dict:
-    return {PROFILE_FIELDS[k][1]: v for k, v in profile.items() if v is not None}
+    return {PROFILE_FIELDS[k][1]: v for k, v in profile.items() if v is not None and PROFILE_FIELDS[k][1]}
 
 
 class RunTask:
@@ -151,13 +153,19 @@ def _remove_new(folder: Path, before: set[Path], new_dirs: list[Path]) -> None:
 
 
 def task_nproc(profile: dict, nproc: int | None, specs) -> int:
-    """Processes per run of a SLURM sweep: --nproc-per-run, else the profile's gpus_per_node (one process per GPU
-    of the task), else 1; more processes than a GPU task's GPUs is refused (the task's node checks the rest)."""
+    """Processes per run of a SLURM sweep: --nproc-per-run, else one per training GPU of the task (the profile's
+    gpus_per_node less its vllm_server_gpus), else 1. Rank r trains on the task's GPU r, so a vLLM server the setup
+    starts goes on the last GPUs. More processes than training GPUs is refused (the node checks the rest)."""
     from bench.distributed import check_nproc
-    gpus = profile.get("gpus_per_node")
-    n = nproc if nproc is not None else (gpus or 1)
-    if gpus and n > gpus:
-        raise BenchError(f"--nproc-per-run {n}: the SLURM profile gives each task {gpus} GPU(s); one per process")
+    gpus, server = profile.get("gpus_per_node"), profile.get("vllm_server_gpus") or 0
+    if server and (not gpus or server >= gpus):
+        raise BenchError(f"SLURM profile: vllm_server_gpus {server} leaves no GPU of the task's "
+                         f"{gpus or 0} (gpus_per_node) for training")
+    training = (gpus - server) if gpus else None
+    n = nproc if nproc is not None else (training or 1)
+    if training and n > training:
+        raise BenchError(f"--nproc-per-run {n}: the SLURM profile gives each task {training} training GPU(s); one "
+                         "per process")
     check_nproc(specs, n, local=False)
     return n
 

@@ -12,6 +12,7 @@ rank of a multi-process run before bench.ddp_worker.main:
 usage (torchrun, as bench.distributed.WORKER): python _ddp_fixed.py RUN_DIR; the environment may say
   BENCH_TEST_FIXED=0       no patches (the harness as shipped)
   BENCH_TEST_FAIL=R:S      rank R raises at optimizer step S (a failing process)
+  BENCH_TEST_STOP=R:S      rank R alone is asked to stop at optimizer step S (as by SLURM's USR2)
 """
 import json
 import os
@@ -67,10 +68,23 @@ def fail_at(rank: int, step: int):
     runner.MetricsCallback.on_step_end = failing
 
 
+def stop_at(rank: int, step: int):
+    from bench import distributed, runner
+    on_step_end = runner.MetricsCallback.on_step_end
+
+    def stopping(self, args, state, control, **kw):
+        if distributed.rank() == rank and state.global_step == step:
+            runner.request_stop()
+        return on_step_end(self, args, state, control, **kw)
+    runner.MetricsCallback.on_step_end = stopping
+
+
 if __name__ == "__main__":
     if os.environ.get("BENCH_TEST_FIXED", "1") == "1":
         apply()
     if os.environ.get("BENCH_TEST_FAIL"):
         fail_at(*map(int, os.environ["BENCH_TEST_FAIL"].split(":")))
+    if os.environ.get("BENCH_TEST_STOP"):
+        stop_at(*map(int, os.environ["BENCH_TEST_STOP"].split(":")))
     from bench import ddp_worker
     sys.exit(ddp_worker.main(sys.argv[1:]))

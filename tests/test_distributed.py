@@ -133,6 +133,34 @@ def test_a_failing_process_fails_its_run_and_the_sweep_goes_on(tmp_path, tiny, w
     assert failed["world_size"] == 2
 
 
+STRIP = ("step_seconds", "time_generation", "time_reference", "time_policy", "time_other", "time_metrics")
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in STRIP} for r in rows]
+
+
+@pytest.mark.parametrize("asked", [0, 1])
+def test_a_stop_request_on_one_rank_stops_all_at_a_boundary_and_resumes_identically(tmp_path, tiny, worker_env,
+                                                                                      monkeypatch, asked):
+    """Preemption (SLURM's USR2, bench.runner.request_stop) reaching one rank only: every rank stops at the same
+    generation-batch boundary with a checkpoint; re-running resumes to the metrics of the uninterrupted run."""
+    monkeypatch.setattr(distributed, "WORKER", [str(HERE / "_ddp_fixed.py")])
+    monkeypatch.setenv("BENCH_TEST_FIXED", "0")
+    s = spec(steps=6, checkpoint_every=100)
+    monkeypatch.setenv("BENCH_TEST_STOP", f"{asked}:3")
+    cut = run_one(s, tmp_path / "cut", progress=False, nproc=2)
+    assert cut["status"] == "preempted" and "step 4" in cut["error"], cut
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-4").is_dir()
+    monkeypatch.delenv("BENCH_TEST_STOP")
+    resumed = run_one(s, tmp_path / "cut", progress=False, nproc=2)
+    assert resumed["status"] == "ok" and resumed["resumed_from"] == "checkpoint-4", resumed
+    whole = run_one(s, tmp_path / "whole", progress=False, nproc=2)
+    assert _strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == _strip(read_jsonl(tmp_path / "whole" /
+                                                                                       "metrics.jsonl"))
+    assert resumed["accuracy"] == whole["accuracy"]
+
+
 def bench(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=env,
