@@ -160,8 +160,9 @@ def launch(spec, run_dir: Path, nproc: int, *, threads: int, progress: bool, tra
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--max-restarts=0", *WORKER, str(run_dir)]
     # its own session: a signal for the harness (SLURM's USR2) reaches the ranks through the stop file only
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
-                            stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # progress: rank 0's bars and messages go straight to this terminal; else stderr is kept for the error line
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=None if progress else subprocess.DEVNULL,
+                            stderr=None if progress else subprocess.PIPE, text=True)
     try:
         while True:
             try:
@@ -177,8 +178,6 @@ def launch(spec, run_dir: Path, nproc: int, *, threads: int, progress: bool, tra
     finally:
         (run_dir / STOP).unlink(missing_ok=True)
         (run_dir / LAUNCH).unlink(missing_ok=True)
-    if progress and err:
-        sys.stderr.write(err)
     return proc.returncode, _rank_error(run_dir, err)
 
 
