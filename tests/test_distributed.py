@@ -161,6 +161,70 @@ def test_a_stop_request_on_one_rank_stops_all_at_a_boundary_and_resumes_identica
     assert resumed["accuracy"] == whole["accuracy"]
 
 
+# ---- the fast tier: settings and refusals without starting processes ---------------------------------------------
+
+def test_each_process_takes_its_share_of_the_micro_batch_and_the_global_batch_is_unchanged(monkeypatch):
+    from methods import get_method
+    s, method = spec(micro_batch=16, grad_accum=2), get_method("kl_free_lora")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = engine.grpo_settings(s, method)
+    assert one["per_device_train_batch_size"] == 16 and not {k for k in one if k.startswith("ddp_")}
+    for n in (2, 4):
+        monkeypatch.setenv("WORLD_SIZE", str(n))
+        many = engine.grpo_settings(s, method)
+        assert many["per_device_train_batch_size"] == 16 // n
+        # TRL 1.16 (grpo_config.py): generation_batch_size = per_device_train_batch_size x num_processes x
+        # steps_per_generation; completions per optimizer step = per_device x num_processes x grad_accum
+        assert many["per_device_train_batch_size"] * n * many["steps_per_generation"] == \
+            one["per_device_train_batch_size"] * one["steps_per_generation"]
+        assert many["gradient_accumulation_steps"] == one["gradient_accumulation_steps"]
+        assert many["ddp_backend"] == "gloo" and many["ddp_timeout"] >= 3600
+        assert {k: v for k, v in many.items() if k != "per_device_train_batch_size" and not k.startswith("ddp_")} \
+            == {k: v for k, v in one.items() if k != "per_device_train_batch_size"}
+
+
+def test_nproc_checks():
+    from bench.errors import BenchError
+    assert distributed.parse_nproc(None) == 1 and distributed.parse_nproc("4") == 4
+    for bad in ("0", "-1", "x", "1.5"):
+        with pytest.raises(BenchError, match="bad --nproc-per-run"):
+            distributed.parse_nproc(bad)
+    distributed.check_nproc([spec(micro_batch=16)], 4)
+    with pytest.raises(BenchError, match="micro_batch 16 is not divisible by 3"):
+        distributed.check_nproc([spec(micro_batch=16)], 3)
+    with pytest.raises(BenchError, match="device cuda:1 names one GPU"):
+        distributed.check_nproc([spec(device="cuda:1")], 2, local=False)
+
+
+def test_slurm_processes_per_task_follow_the_training_gpus():
+    from bench import slurm
+    from bench.errors import BenchError
+    specs = [spec()]
+    assert slurm.task_nproc({"gpus_per_node": 4}, None, specs) == 4
+    assert slurm.task_nproc({"gpus_per_node": 5, "vllm_server_gpus": 1}, None, specs) == 4
+    assert slurm.task_nproc({"gpus_per_node": 4, "vllm_server_gpus": 1}, 2, specs) == 2
+    assert slurm.task_nproc({}, None, specs) == 1 and slurm.task_nproc({}, 2, specs) == 2  # CPU tasks
+    with pytest.raises(BenchError, match="micro_batch 16 is not divisible by 3"):  # 3 training GPUs by default
+        slurm.task_nproc({"gpus_per_node": 4, "vllm_server_gpus": 1}, None, specs)
+    with pytest.raises(BenchError, match="each task 1 training GPU"):
+        slurm.task_nproc({"gpus_per_node": 2, "vllm_server_gpus": 1}, 2, specs)
+    with pytest.raises(BenchError, match="leaves no GPU"):
+        slurm.task_nproc({"gpus_per_node": 1, "vllm_server_gpus": 1}, None, specs)
+    profile = slurm.load_profile("vllm-server-example")
+    assert slurm.task_nproc(profile, None, specs) == 1
+    assert "vllm_server_gpus" not in str(slurm.executor_parameters(profile))  # not an sbatch option
+
+
+def test_vllm_server_address_is_checked_and_not_part_of_the_key():
+    from bench.errors import BenchError
+    a, b = spec(), spec(vllm_server="gpu-node-3:8001")
+    assert a.key() == b.key() and b.vllm_server_address == ("gpu-node-3", 8001)
+    assert spec(vllm_server="[::1]:8000").vllm_server_address == ("::1", 8000)
+    for bad in ("localhost", "host:0", "host:99999", ":8000", 8000):
+        with pytest.raises(BenchError, match="bad vllm_server"):
+            spec(vllm_server=bad)
+
+
 def bench(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=env,
