@@ -27,4 +27,4 @@ def test_run_profile_splits_a_runs_seconds():
                "run_seconds": 50.0}
     prof = run_profile(summary)
     assert prof == {"generation": 10.0, "policy": 20.0, "reference": 0.0, "metrics": 1.5, "eval_base": 3.0,
-                    "eval_final": 4.0, "setup": 2.5, "total": 50.0, "other": 8.5}
+                    "eval_final": 4.0, "setup": 2.5, "total": 50.0, "other": 9.0}
