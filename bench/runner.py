@@ -439,7 +439,8 @@ def summarize(rows: list[dict], base: dict, final: dict, prep: Prepared, *, devi
         "accuracy_gain": final["accuracy"] - base["accuracy"], "accuracy_base_memoized": base["memoized"],
         "accuracy_flexible_base": base["accuracy_flexible"], "accuracy_flexible": final["accuracy_flexible"],
         "eval_n": base["n"], "eval_seconds": round(seconds["eval"], 3),
-        "eval_base_seconds": round(seconds.get("eval_base", seconds["eval"]), 3), "init_seconds": round(seconds["init"], 4),
+        "eval_base_seconds": round(seconds.get("eval_base", seconds["eval"]), 3),
+        "init_seconds": round(seconds["init"], 4),
         "setup_seconds": round(seconds["setup"], 3), "forward_threads": threads or torch.get_num_threads(),
         "trainable_params": trainable_parameters(prep.policy), "trained_set": trained_set(prep.policy),
         **prep.init_kl, "device": device, **run_device(device), "resumed_from": checkpoint.name if checkpoint else None,
@@ -510,7 +511,8 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
     with phase_bar(f"{spec.run_id}: saving the trained {saved}", **at):
         save_trained(prep.policy, run_dir, prep.residual)
     out = summarize(rows, base, final, prep, device=device, threads=fwd_threads, checkpoint=checkpoint,
-                    seconds={"eval": eval_seconds, "eval_base": eval_base_seconds, "init": prep.init_seconds, "setup": setup_seconds},
+                    seconds={"eval": eval_seconds, "eval_base": eval_base_seconds, "init": prep.init_seconds,
+                             "setup": setup_seconds},
                     method_summary=trainer.method_summary)
     if callback.warnings:
         out["warnings"] = callback.warnings
