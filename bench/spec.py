@@ -31,7 +31,9 @@ RESERVED_GRPO = {"output_dir", "beta", "max_steps", "seed", "data_seed", "learni
                  "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                  "num_generations", "max_completion_length", "save_steps", "save_strategy", "logging_steps",
                  "report_to", "use_cpu", "bf16", "fp16", "reward_weights", "use_vllm"}
-GENERATION_BACKENDS = ("transformers", "vllm")
+# fast: bench.decode (rollouts and greedy evals) where the model and sampling settings allow, else transformers';
+# transformers: the model's own `generate` (TRL's regular path) and the greedy eval's DynamicCache forward
+GENERATION_BACKENDS = ("fast", "transformers", "vllm")
 
 
 # Refused before any training (a documented bound, not a measurement): the longest shipped preset runs 604 optimizer
@@ -180,8 +182,10 @@ class RunSpec:
     final_eval: str = _setting("none", "lm-eval: also evaluate the trained policy with lm-eval (summary.lm_eval)")
     grpo: dict = _setting(help="extra TRL GRPOConfig settings by name, e.g. {lr_scheduler_type: cosine}; those the "
                                "harness or the method owns are refused", factory=dict)
-    generation_backend: str = _setting("transformers", "rollouts: transformers (the model's generate) or vllm "
-                                                       "(TRL's colocated vLLM; CUDA, optional)")
+    generation_backend: str = _setting("fast", "rollouts and greedy evals: fast (bench.decode's lean KV-cache "
+                                               "decoder where the model and sampling settings allow, else "
+                                               "transformers), transformers (the model's generate) or vllm "
+                                               "(TRL's colocated vLLM; CUDA, optional)")
     lora_scaling: str = _setting("rank", "LoRA scaling rule: rank (alpha = r), fixed:N (alpha = N) or rslora[:N] "
                                          "(alpha N / sqrt(r), N default 4); bench.scaling")
     eval_split: str = _setting("eval", "the split evaluated: eval, or dev (learning-rate tuning trials, bench.tune)")
