@@ -25,6 +25,7 @@ The loss (plus a method's declared per-token term), the sampler and the optimize
 """
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections import defaultdict
@@ -36,7 +37,7 @@ import torch
 import trl
 from trl import GRPOConfig, GRPOTrainer
 
-from bench.distributed import ddp_settings, per_process_batch
+from bench.distributed import ddp_settings, is_main, per_process_batch
 from bench.errors import BenchError
 from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
@@ -124,11 +125,13 @@ def make_trainer(spec, method, params: dict, policy, tokenizer, dataset, output_
     args = grpo_config(spec, method, output_dir, weights, chat=chat, use_cpu=device == "cpu", report=report)
     if (trainer_cls or BenchGRPOTrainer) is BenchGRPOTrainer:
         kwargs.setdefault("step_kl", StepKL(spec.kl_step_seqs, temperature=spec.temperature))
+        kwargs.setdefault("fast_generation", spec.generation_backend == "fast")
     trainer = (trainer_cls or BenchGRPOTrainer)(model=policy, reward_funcs=funcs, args=args, train_dataset=dataset,
                                                  processing_class=tokenizer, **kwargs)
     trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict
     if isinstance(trainer, BenchGRPOTrainer):  # before the hooks: a method's note() goes to run.log
-        trainer.log_path, trainer.run_id = log_path, spec.run_id
+        # run.log is rank 0's (bench.distributed): another rank's notes go to its stderr only
+        trainer.log_path, trainer.run_id = log_path if is_main() else None, spec.run_id
     for hook in method.trainer_hooks:
         hook(trainer, params)
     for callback in callbacks or ():
@@ -216,7 +219,10 @@ def install_loss_hook(trainer, hook: Callable) -> None:
 
 
 class BenchGRPOTrainer(GRPOTrainer):
-    def __init__(self, *args, step_kl: StepKL | None = None, forward_threads: int | None = None, **kwargs):
+    def __init__(self, *args, step_kl: StepKL | None = None, forward_threads: int | None = None,
+                 fast_generation: bool = True, **kwargs):
+        self.fast_generation = fast_generation  # rollouts through bench.decode where it applies (else TRL's generate)
+        self.fast_generation_skipped: str | None = None  # why the fast path did not apply, once known
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self.forward_threads = forward_threads  # torch threads for forward passes (parallel.forward_threads)
         self.generated_tokens = 0
@@ -298,6 +304,49 @@ class BenchGRPOTrainer(GRPOTrainer):
             out = super()._generate(prompts)
         self.generated_tokens += sum(len(ids) for ids in out[1])  # completion_ids_list
         return out
+
+    def _fast_unsupported(self, images, multimodal_fields) -> str | None:
+        """Why TRL's regular generation path (left-padded `generate`) cannot be replaced by bench.decode.sample."""
+        from bench import decode
+        if not self.fast_generation:
+            return "off"
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            return "another generation backend"
+        if images is not None or multimodal_fields or self.accelerator.num_processes > 1:
+            return "multimodal inputs or several processes"
+        model = self.accelerator.unwrap_model(self.model)
+        return decode.unsupported(model) or decode.sampling_unsupported(self.generation_config)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's regular path (`generate` on left-padded prompts, completions cut after their first EOS) through
+        bench.decode.sample: the same random draws and warpers, less per-token overhead. Elsewhere TRL's own."""
+        from bench import decode
+        reason = self._fast_unsupported(images, multimodal_fields)
+        if reason is not None:
+            if reason != "off" and self.fast_generation_skipped is None:
+                self.fast_generation_skipped = reason
+                self.note(f"fast rollout generation does not apply ({reason}): TRL's generate is used")
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        from trl.models import unwrap_model_for_generation
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                         generation_kwargs=self.generation_kwargs,
+                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                                         ) as unwrapped, torch.no_grad():
+            # the model's generation_config as TRL's override leaves it: what `generate` would merge in
+            config = copy.deepcopy(unwrapped.generation_config)
+            for key, value in self.generation_config.to_diff_dict().items():
+                setattr(config, key, value)
+            if (reason := decode.sampling_unsupported(config)) is not None:
+                self.fast_generation = False
+                self.note(f"fast rollout generation does not apply ({reason}): TRL's generate is used")
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
+            budget = config.max_new_tokens if config.max_new_tokens is not None else self.max_completion_length
+            completion_ids = decode.sample(unwrapped, prompt_ids, budget, config,
+                                           self._tokenizer.pad_token_id, self.pad_to_multiple_of)
+        return completion_ids, None
 
     def _is_reference_forward(self, model) -> bool:
         if self.ref_model is not None and model is self.ref_model:

@@ -3,7 +3,9 @@
 The greedy eval (`greedy_decode`) sorts prompts by token length and decodes `batch_size` of them at a time, each
 batch left-padded to its longest prompt; a row that emits EOS leaves the batch (its KV cache rows are dropped), and
 a batch stops when every row has finished or the budget is spent. Less padding and no finished rows: the same
-greedy tokens as the model's own `generate` at a fraction of the cost (bench.perf.eval_cost measures it). The
+greedy tokens as the model's own `generate` at a fraction of the cost (bench.perf.eval_cost measures it). Each token
+after the prompt runs through bench.decode's lean KV-cache step where the model is supported (`fast=True`), else
+through the model's own forward with a DynamicCache (`fast=False`, the path before bench.decode). The
 completions are a pure function of the acting weights, the prompts, the budget and `batch_size` (which rows share a
 batch decides the padding, and padding may change the last bits of a float, hence a near-tied argmax); on the tiny
 model they equal one-at-a-time decoding (tests/test_generation.py).
@@ -112,9 +114,12 @@ def _plain_argmax(model) -> bool:
 
 
 @torch.no_grad()
-def greedy_decode(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 64) -> list[dict]:
+def greedy_decode(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 64,
+                  fast: bool = True) -> list[dict]:
     """Greedy completions of prompts, in prompt order: {"completion": text, "completion_tokens": tokens generated
-    (EOS included), "truncated": the budget ran out before EOS}. See the module docstring for the batching."""
+    (EOS included), "truncated": the budget ran out before EOS}. See the module docstring for the batching and
+    `fast`."""
+    from bench import decode
     if not _plain_argmax(model):
         return _generate_records(model, tokenizer, prompts, max_new_tokens, batch_size)
     texts = format_prompts(tokenizer, prompts)
@@ -124,11 +129,14 @@ def greedy_decode(model, tokenizer, prompts, max_new_tokens: int, batch_size: in
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))  # similar lengths share a batch: less padding
     tokens: list[list[int]] = [[] for _ in ids]
     with eval_mode(model), merged_adapters(model):
+        lean = fast and decode.unsupported(model) is None  # (after folding: adapters that are off act as base layers)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            for row, done in zip(rows, _greedy_batch(model, [ids[i] for i in rows], max_new_tokens, eos, pad,
-                                                      device)):
-                tokens[row] = done
+            batch = [ids[i] for i in rows]
+            done = decode.greedy(model, batch, max_new_tokens, [eos], pad) if lean else \
+                _greedy_batch(model, batch, max_new_tokens, eos, pad, device)
+            for row, toks in zip(rows, done):
+                tokens[row] = toks
     out = []
     for toks in tokens:
         ended = bool(toks) and toks[-1] == eos
@@ -202,13 +210,16 @@ def acting_weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def _eval_memo_key(model, tokenizer, prompts, max_new_tokens: int, batch_size: int) -> str:
+def _eval_memo_key(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, fast: bool = True) -> str:
     """Everything greedy completions depend on: acting weights, model and generation configs, tokenizer, prompts,
-    budget, batching, device, thread count, library versions and this module's source."""
+    budget, batching, decoder, device, thread count, library versions and the source of this module and of
+    bench.decode."""
     import inspect
     import sys
 
     import transformers
+
+    from bench import decode
     device = next(model.parameters()).device
     tok = _tokenizer_state(tokenizer)
     parts = [acting_weights_digest(model), model.config.to_json_string(), model.generation_config.to_json_string(),
@@ -217,7 +228,8 @@ def _eval_memo_key(model, tokenizer, prompts, max_new_tokens: int, batch_size: i
              repr(getattr(tokenizer, "chat_template", None)),
              repr(getattr(tokenizer, "clean_up_tokenization_spaces", None)), json.dumps(list(prompts), default=str),
              str(max_new_tokens), str(batch_size), str(torch.get_num_threads()), *_hardware(device),
-             torch.__version__, transformers.__version__, _peft_version(), inspect.getsource(sys.modules[__name__])]
+             torch.__version__, transformers.__version__, _peft_version(), inspect.getsource(sys.modules[__name__]),
+             f"fast={fast}", inspect.getsource(decode)]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
 
 
@@ -263,7 +275,7 @@ MEMO_FIELDS = ("completion", "completion_tokens", "truncated")
 
 
 def greedy_completions(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 64,
-                       memo_dir: Path | None = None) -> tuple[list[dict], bool]:
+                       memo_dir: Path | None = None, fast: bool = True) -> tuple[list[dict], bool]:
     """greedy_decode's records, and whether they came from `memo_dir`. Greedy decoding is a pure function of the
     memo key (_eval_memo_key): runs whose initial policies act with the very same weights (every zero-initialized
     adapter and the base model itself) share one evaluation of it. Written atomically; an unreadable or incomplete
@@ -271,7 +283,8 @@ def greedy_completions(model, tokenizer, prompts, max_new_tokens: int, batch_siz
     from bench.io import atomic_write_json
     path = None
     if memo_dir is not None:
-        path = Path(memo_dir) / f"greedy-{_eval_memo_key(model, tokenizer, prompts, max_new_tokens, batch_size)}.json"
+        key = _eval_memo_key(model, tokenizer, prompts, max_new_tokens, batch_size, fast)
+        path = Path(memo_dir) / f"greedy-{key}.json"
         try:
             records = json.loads(path.read_text())["records"]
             if isinstance(records, list) and len(records) == len(prompts) and all(
@@ -281,7 +294,7 @@ def greedy_completions(model, tokenizer, prompts, max_new_tokens: int, batch_siz
                 return [{k: r[k] for k in MEMO_FIELDS} for r in records], True
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    records = greedy_decode(model, tokenizer, prompts, max_new_tokens, batch_size)
+    records = greedy_decode(model, tokenizer, prompts, max_new_tokens, batch_size, fast)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"records": records})
@@ -305,10 +318,10 @@ def score_records(records: list[dict], golds, ids=None) -> list[dict]:
 
 
 def greedy_accuracy(model, tokenizer, prompts, golds, max_new_tokens: int, batch_size: int = 64,
-                    memo_dir: Path | None = None, ids=None) -> dict:
+                    memo_dir: Path | None = None, ids=None, fast: bool = True) -> dict:
     """lm-eval exact match (strict and flexible) of greedy completions (scored afresh, also when memoized), and the
     per-item records (`items`, see score_records)."""
-    records, memoized = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size, memo_dir)
+    records, memoized = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size, memo_dir, fast)
     items = score_records(records, golds, ids)
     n = max(1, len(golds))
     return {"accuracy": sum(r["correct_strict"] for r in items) / n,

@@ -13,12 +13,17 @@ update part only (the stricter figure: generation is identical for all). Memory:
 The rest (skipped with --methods-only), each measured the same way on kl_free_lora:
 - harness_vs_trl_step_ratio: our BenchGRPOTrainer vs a bare TRL GRPOTrainer, same cycle, metrics off;
 - eager_vs_sdpa_step_ratio (CPU): attention implementations, same cycle;
-- generation_vs_generate_ratio: completion tokens/s of the harness's rollout generation vs the model's own
-  `generate` on the same prompts, sampling settings and token budget;
+- generation_vs_generate_ratio: completion tokens/s of the harness's rollout generation (bench.decode) vs the
+  model's own `generate` on the same prompts, sampling settings, token budget and seed (and the fraction of
+  completions that came out token for token the same: generation_same_tokens_fraction);
+- run_vs_baseline_ratio: one default run (kl_free_lora, the spec's rank, 40 steps, base eval memoized + training +
+  final eval) with generation_backend `fast` vs `transformers` (the path before bench.decode), and where each run's
+  wall-clock goes (run_profile: generation, policy forward+backward, reference, metrics, final eval, other);
 - metric_overhead_fraction: kl_step (every step) + the probe set (every probe_every steps) per training step;
 - init_seconds: geora, pissa, milora initialization on the benchmarked model;
 - eval_new_vs_old_{wall,cpu}_ratio: the greedy eval on the whole eval split (bench.generation.greedy_decode) vs the
-  former eval (300 items, the model's own batched `generate`), same policy (`python -m bench.perf` runs only this).
+  former eval (300 items, the model's own batched `generate`), same policy (`python -m bench.perf` runs only this);
+  eval_fast_vs_dynamic_wall_ratio: greedy_decode through bench.decode vs through the model's forward, same items.
 """
 from __future__ import annotations
 
@@ -174,6 +179,7 @@ def generation_vs_generate(spec, model_name: str, device: str, reps: int, log=pr
     enc = b.tokenizer(text, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     times = {"harness": [], "generate": []}
     tokens = {"harness": [], "generate": []}
+    same, total = 0, 0
     b.policy.train()
     for rep in range(reps + 1):
         for side in (("harness", "generate") if rep % 2 else ("generate", "harness")):
@@ -183,6 +189,7 @@ def generation_vs_generate(spec, model_name: str, device: str, reps: int, log=pr
             if side == "harness":
                 out = b.trainer._generate(prompts)
                 n = sum(len(c) for c in out[1])
+                harness = out[1]
             else:
                 with torch.no_grad():
                     ids = b.policy.generate(**enc, do_sample=True, temperature=spec.temperature, top_k=0, top_p=1.0,
@@ -191,15 +198,20 @@ def generation_vs_generate(spec, model_name: str, device: str, reps: int, log=pr
                                             eos_token_id=b.tokenizer.eos_token_id)
                 comp = ids[:, enc["input_ids"].shape[1]:]
                 from bench.metrics import completion_mask
-                n = int(completion_mask(comp, b.tokenizer.eos_token_id).sum())
+                keep = completion_mask(comp, b.tokenizer.eos_token_id).bool()
+                n = int(keep.sum())
+                reference = [c[m].tolist() for c, m in zip(comp, keep)]
             _sync()
             if rep:
                 times[side].append(time.perf_counter() - t0)
                 tokens[side].append(n)
+        same += sum(a == r for a, r in zip(harness, reference))  # the same seed for both sides of a repetition
+        total += len(reference)
     rate = {s: statistics.median(n / t for n, t in zip(tokens[s], times[s])) for s in times}
     log("  generation vs generate done")
     return {"generation_vs_generate_ratio": rate["harness"] / rate["generate"],
-            "generation_tokens_per_s": rate,
+            "generation_tokens_per_s": rate, "generation_same_tokens_fraction": same / total,
+            "generation_fast": b.trainer.fast_generation and b.trainer.fast_generation_skipped is None,
             "generation_medians_s": {s: statistics.median(t) for s, t in times.items()}}
 
 
@@ -258,10 +270,12 @@ def eval_cost(spec, model_name: str, device: str, reps: int, log=print, old_n: i
     to_prompt = chat_prompt if uses_chat_template(tokenizer) else plain_prompt
     prompts = [to_prompt(e.question) for e in get_task(spec.task, **spec.task_params).examples("eval")]
     budget = spec.max_completion_length
+    def greedy(fast):
+        return [r["completion"] for r in greedy_decode(policy, tokenizer, prompts, budget, spec.eval_batch, fast)]
+
     sides = {f"old_{old_n}": lambda: generate(policy, tokenizer, prompts[:old_n], budget, batch_size=old_batch)[0],
              f"old_{len(prompts)}": lambda: generate(policy, tokenizer, prompts, budget, batch_size=old_batch)[0],
-             f"new_{len(prompts)}": lambda: [r["completion"] for r in greedy_decode(policy, tokenizer, prompts, budget,
-                                                                                    spec.eval_batch)]}
+             f"new_{len(prompts)}": lambda: greedy(True), f"dynamic_{len(prompts)}": lambda: greedy(False)}
     wall, cpu, texts = {k: [] for k in sides}, {k: [] for k in sides}, {}
     for rep in range(reps + 1):  # rep 0 is the warm-up
         for name in (list(sides) if rep % 2 else list(sides)[::-1]):
@@ -273,15 +287,70 @@ def eval_cost(spec, model_name: str, device: str, reps: int, log=print, old_n: i
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
         log(f"  eval cost repetition {rep}/{reps}{' (warm-up)' if rep == 0 else ''} done")
-    old, whole, new = sides
-    if texts[whole] != texts[new]:
+    old, whole, new, dynamic = sides
+    if not texts[whole] == texts[new] == texts[dynamic]:
         raise RuntimeError("greedy_decode's completions differ from generate's: the comparison would not be fair")
     med = {k: {"wall_s": statistics.median(wall[k]), "cpu_s": statistics.median(cpu[k])} for k in sides}
     return {"eval_medians_s": med, "eval_items": {"old": min(old_n, len(prompts)), "new": len(prompts)},
             "eval_batch": {"old": old_batch, "new": spec.eval_batch}, "eval_threads": torch.get_num_threads(),
             "eval_new_vs_old_wall_ratio": med[new]["wall_s"] / med[old]["wall_s"],
             "eval_new_vs_old_cpu_ratio": med[new]["cpu_s"] / med[old]["cpu_s"],
-            "eval_same_items_cpu_ratio": med[new]["cpu_s"] / med[whole]["cpu_s"]}
+            "eval_same_items_cpu_ratio": med[new]["cpu_s"] / med[whole]["cpu_s"],
+            "eval_fast_vs_dynamic_wall_ratio": med[new]["wall_s"] / med[dynamic]["wall_s"]}
+
+
+PHASES = ("generation", "policy", "reference", "metrics")
+
+
+def run_profile(summary: dict) -> dict:
+    """Where one run's wall-clock went (seconds), from its summary.json: the training phases the engine times, the
+    evals, setup (model load, adapter init), and the rest of the training loop (TRL's batch preparation outside
+    generation and scoring forwards, rewards, optimizer, checkpoints)."""
+    out = {p: summary.get(f"time_{p}_s") or 0.0 for p in PHASES}
+    out["eval_base"] = summary.get("eval_base_seconds", 0.0)
+    out["eval_final"] = summary["eval_seconds"] - out["eval_base"]
+    out["setup"] = summary.get("setup_seconds", 0.0) + summary.get("init_seconds", 0.0)
+    out["total"] = summary["run_seconds"]
+    out["other"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def run_vs_baseline(spec, reps: int = 1, log=print) -> dict:
+    """The same run (spec, training and evals) with generation_backend `fast` vs `transformers`, `reps` times each,
+    alternating. A run in a sweep finds its base eval memoized, so the ratio is taken on run time minus the base
+    eval (each run here computes its own, memo off, so neither side profits from the other's memo). Both runs must
+    reach the same final accuracy (their rollouts are the same tokens where numerics allow)."""
+    import dataclasses
+    import tempfile
+
+    from bench.runner import run_one
+    backends = ("fast", "transformers")
+    summaries = {b: [] for b in backends}
+    before = os.environ.get("BENCH_EVAL_MEMO")
+    os.environ["BENCH_EVAL_MEMO"] = "0"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for rep in range(reps):
+                for backend in (backends if rep % 2 == 0 else backends[::-1]):
+                    run_spec = dataclasses.replace(spec, generation_backend=backend)
+                    summary = run_one(run_spec, Path(tmp) / f"{backend}-{rep}", progress=False)
+                    if summary.get("status") != "ok":
+                        raise RuntimeError(f"perf run ({backend}) {summary.get('status')}: {summary.get('error')}")
+                    summaries[backend].append(summary)
+                    log(f"  run {rep + 1}/{reps} {backend}: {summary['run_seconds']:.1f} s")
+    finally:
+        if before is None:
+            os.environ.pop("BENCH_EVAL_MEMO")
+        else:
+            os.environ["BENCH_EVAL_MEMO"] = before
+    cost = {b: statistics.median(s["run_seconds"] - s["eval_base_seconds"] for s in summaries[b]) for b in backends}
+    return {"run_vs_baseline_ratio": cost["fast"] / cost["transformers"],
+            "run_seconds_without_base_eval": cost,
+            "run_profile": {b: run_profile(summaries[b][0]) for b in backends},
+            "run_spec": {"method": spec.method, "rank": spec.rank, "steps": spec.steps, "reps": reps},
+            "run_metrics": {b: {k: summaries[b][0].get(k) for k in ("accuracy", "accuracy_base", "reward", "kl_ref",
+                                                                    "entropy", "tokens_per_s")}
+                            for b in backends}}
 
 
 def init_seconds(model_name: str, rank: int, device: str) -> dict:
@@ -336,6 +405,9 @@ def run_perf(methods: list[str], rank, reps: int, model: str, device: str, out: 
         result.update(metric_overhead(spec, model, device, reps, log=log))
         log("greedy eval: today's batching on 300 items vs greedy_decode on the whole eval split")
         result.update(eval_cost(spec, model, device, reps, log=log))
+        log(f"one default run ({spec.method}, rank {rank}, {spec.steps} steps): generation_backend fast vs "
+            "transformers")
+        result.update(run_vs_baseline(spec, log=log))
         result["init_seconds"] = init_seconds(model, rank if rank != "full" else 16, device)
         result["init_model"] = model
     atomic_write_json(out, result)
@@ -351,17 +423,34 @@ def format_table(result: dict) -> str:
     for k, v in result.items():
         if k.endswith("_ratio") or k.endswith("_fraction"):
             lines.append(f"{k:45s} {v:.3f}")
+    if "run_profile" in result:
+        phases = list(next(iter(result["run_profile"].values())))
+        lines += ["", "| run (s) | " + " | ".join(phases) + " |", "|---" * (len(phases) + 1) + "|"]
+        for backend, prof in result["run_profile"].items():
+            lines.append(f"| {backend} | " + " | ".join(f"{prof[p]:.1f}" for p in phases) + " |")
     for k, v in result.get("init_seconds", {}).items():
         lines.append(f"init_seconds[{k}] ({result['init_model']}) {v:.3f}")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m bench.perf [REPS] [THREADS]: the eval cost comparison alone
+if __name__ == "__main__":
+    # python -m bench.perf [REPS] [THREADS]: the eval cost comparison alone;
+    # python -m bench.perf run [REPS]: generation_vs_generate and run_vs_baseline (kl_free_lora r16, 40 steps)
     import json
     import sys
 
     from bench.device import resolve_device
     from bench.spec import RunSpec
-    torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
-    print(json.dumps(eval_cost(RunSpec(method="kl_free_lora", rank=16), "tiny", resolve_device("auto"),
-                               int(sys.argv[1]) if len(sys.argv) > 1 else 3), indent=2))
+    default = RunSpec(method="kl_free_lora", rank=16)
+    if sys.argv[1:2] == ["run"]:
+        n = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+        torch.set_num_threads(1)
+        def log(message):
+            print(message, flush=True)
+        out = generation_vs_generate(default, "tiny", resolve_device("auto"), 3, log=log)
+        print(json.dumps(out, indent=2), flush=True)  # the runs below take minutes: this part is kept
+        out.update(run_vs_baseline(default, n, log=log))
+    else:
+        torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+        out = eval_cost(default, "tiny", resolve_device("auto"), int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+    print(json.dumps(out, indent=2))

@@ -77,6 +77,7 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("accuracy_flexible", NUMBER, "flexible-match accuracy after training", csv=False),
     Field("eval_n", NUMBER, "eval items", csv=False),
     Field("eval_seconds", NUMBER, "seconds in the base and final greedy evals", csv=False),
+    Field("eval_base_seconds", NUMBER, "seconds in the base greedy eval (near 0 where memoized)", csv=False),
     Field("init_seconds", NUMBER, "seconds building the policy (adapter initialization)", csv=False),
     Field("setup_seconds", NUMBER, "seconds loading the task, model and trainer", csv=False),
     Field("forward_threads", NUMBER, "torch threads of the run's forward passes (bench.parallel)", csv=False),

@@ -468,7 +468,8 @@ def greedy_eval(spec: RunSpec, prep: Prepared, evals: EvalSet, threads: int | No
     with torch_threads(threads), phase_bar(total=len(evals.prompts), unit="prompt", **bar) as counter, \
             count_prompts(prep.policy, counter):
         return greedy_accuracy(prep.policy, prep.tokenizer, evals.prompts, evals.golds, spec.max_completion_length,
-                               spec.eval_batch, memo_dir=memo_dir, ids=evals.ids)
+                               spec.eval_batch, memo_dir=memo_dir, ids=evals.ids,
+                               fast=spec.generation_backend != "transformers")  # bench.decode where supported
 
 
 def resume_point(run_dir: Path) -> tuple[Path | None, list[dict]]:
@@ -517,7 +518,9 @@ def summarize(rows: list[dict], base: dict, final: dict, prep: Prepared, *, devi
         "status": "ok", "accuracy_base": base["accuracy"], "accuracy": final["accuracy"],
         "accuracy_gain": final["accuracy"] - base["accuracy"], "accuracy_base_memoized": base["memoized"],
         "accuracy_flexible_base": base["accuracy_flexible"], "accuracy_flexible": final["accuracy_flexible"],
-        "eval_n": base["n"], "eval_seconds": round(seconds["eval"], 3), "init_seconds": round(seconds["init"], 4),
+        "eval_n": base["n"], "eval_seconds": round(seconds["eval"], 3),
+        "eval_base_seconds": round(seconds.get("eval_base", seconds["eval"]), 3),
+        "init_seconds": round(seconds["init"], 4),
         "setup_seconds": round(seconds["setup"], 3), "forward_threads": threads or torch.get_num_threads(),
         "trainable_params": trainable_parameters(prep.policy), "trained_set": trained_set(prep.policy),
         **prep.init_kl, "device": device, **run_device(device), "resumed_from": checkpoint.name if checkpoint else None,
@@ -553,7 +556,7 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
                            bar={"desc": f"{spec.run_id}: base eval", **at})                # weights
         atomic_write_jsonl(run_dir / "eval_base.jsonl", base["items"])
     distributed.barrier()
-    eval_seconds = time.perf_counter() - t_eval
+    eval_seconds = eval_base_seconds = time.perf_counter() - t_eval
 
     # resume, then train
     dataset = Dataset.from_list([{"prompt": prep.to_prompt(e.question), "gold": e.gold} for e in train_examples])
@@ -595,7 +598,8 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
     with phase_bar(f"{spec.run_id}: saving the trained {saved}", **at):
         save_trained(prep.policy, run_dir, prep.residual)
     out = summarize(rows, base, final, prep, device=device, threads=fwd_threads, checkpoint=checkpoint,
-                    seconds={"eval": eval_seconds, "init": prep.init_seconds, "setup": setup_seconds},
+                    seconds={"eval": eval_seconds, "eval_base": eval_base_seconds, "init": prep.init_seconds,
+                             "setup": setup_seconds},
                     method_summary=trainer.method_summary)
     if callback.warnings:
         out["warnings"] = callback.warnings

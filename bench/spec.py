@@ -32,7 +32,9 @@ RESERVED_GRPO = {"output_dir", "beta", "max_steps", "seed", "data_seed", "learni
                  "num_generations", "max_completion_length", "save_steps", "save_strategy", "logging_steps",
                  "report_to", "use_cpu", "bf16", "fp16", "reward_weights", "use_vllm", "vllm_mode",
                  "vllm_server_host", "vllm_server_port", "vllm_server_base_url"}
-GENERATION_BACKENDS = ("transformers", "vllm")
+# fast: bench.decode (rollouts and greedy evals) where the model and sampling settings allow, else transformers';
+# transformers: the model's own `generate` (TRL's regular path) and the greedy eval's DynamicCache forward
+GENERATION_BACKENDS = ("fast", "transformers", "vllm")
 VLLM_MODES = ("colocate", "server")  # TRL's GRPOConfig.vllm_mode
 SERVER_PATTERN = re.compile(r"(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})")
 
@@ -184,8 +186,10 @@ class RunSpec:
     final_eval: str = _setting("none", "lm-eval: also evaluate the trained policy with lm-eval (summary.lm_eval)")
     grpo: dict = _setting(help="extra TRL GRPOConfig settings by name, e.g. {lr_scheduler_type: cosine}; those the "
                                "harness or the method owns are refused", factory=dict)
-    generation_backend: str = _setting("transformers", "rollouts: transformers (the model's generate) or vllm "
-                                                       "(TRL's vLLM, vllm_mode; CUDA, optional)")
+    generation_backend: str = _setting("fast", "rollouts and greedy evals: fast (bench.decode's lean KV-cache "
+                                               "decoder where the model and sampling settings allow, else "
+                                               "transformers), transformers (the model's generate) or vllm "
+                                               "(TRL's vLLM, vllm_mode; CUDA, optional)")
     vllm_mode: str = _setting("colocate", "vLLM generation: colocate (vLLM inside each training process) or server "
                                           "(a `trl vllm-serve` process on GPUs of its own, at vllm_server; "
                                           "slurm/vllm-server-example.yaml); implies generation_backend vllm")

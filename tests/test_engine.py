@@ -144,7 +144,7 @@ def test_vllm_backend_is_optional_and_maps_to_trl():
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(BenchError, match="vLLM is not installed"):
             RunSpec(**SPEC, generation_backend="vllm")
-    with pytest.raises(BenchError, match="valid: transformers, vllm"):
+    with pytest.raises(BenchError, match="valid: fast, transformers, vllm"):
         RunSpec(**SPEC, generation_backend="sglang")
     spec = RunSpec(**SPEC)
     assert grpo_config(spec, get_method("kl_free_lora"), "/tmp/unused", [1.0], chat=False, use_cpu=True).use_vllm \

@@ -114,7 +114,8 @@ def test_greedy_decode_equals_one_at_a_time_generation(base, budget):
     reference = [one_at_a_time(model, tok, p, budget) for p in prompts]
     assert any(r["truncated"] for r in reference) if budget == 12 else not any(r["truncated"] for r in reference)
     for batch_size in (1, 3, 64):  # alone, several padded batches, one batch
-        assert greedy_decode(model, tok, prompts, budget, batch_size) == reference, batch_size
+        for fast in (True, False):  # bench.decode's step, the model's own forward
+            assert greedy_decode(model, tok, prompts, budget, batch_size, fast=fast) == reference, (batch_size, fast)
 
 
 def test_greedy_decode_with_an_acting_adapter_equals_its_generate(base):
@@ -162,5 +163,6 @@ def test_eval_cost_measures_both_evals_on_identical_completions(tiny):
     r = eval_cost(spec, "tiny", "cpu", reps=1, log=lambda *_: None, old_n=10, old_batch=16)
     assert r["eval_items"] == {"old": 10, "new": 30} and r["eval_batch"] == {"old": 16, "new": 8}
     med = r["eval_medians_s"]
+    assert r["eval_fast_vs_dynamic_wall_ratio"] == pytest.approx(med["new_30"]["wall_s"] / med["dynamic_30"]["wall_s"])
     assert r["eval_new_vs_old_cpu_ratio"] == pytest.approx(med["new_30"]["cpu_s"] / med["old_10"]["cpu_s"])
     assert r["eval_same_items_cpu_ratio"] == pytest.approx(med["new_30"]["cpu_s"] / med["old_30"]["cpu_s"])

@@ -1,0 +1,259 @@
+"""A lean KV-cache decoder for the Llama-family models the benchmark trains (Qwen3, Qwen2, Llama), used by the greedy
+eval and by rollout sampling in place of transformers' `generate`.
+
+Why: the embedded model (0.85M parameters) spends most of a `generate` step in Python and dispatch overhead (nested
+modules, PEFT wrappers, mask building, a growing DynamicCache), not in arithmetic. The prompt goes through the model's
+own forward (transformers' prefill, its cache); each later token runs the same layers' own modules (norms, rotary
+embedding, MLP activation, linear weights) on a preallocated key/value buffer, with:
+- the attention of transformers' eager path (`eager_attention_forward`: q k^T * scale + additive mask, fp32 softmax,
+  times v), grouped-query heads read in place rather than repeated (`repeat_kv` copies the whole cache per layer);
+- a LoRA layer whose adapters are off (folded into its base weight by bench.generation.merged_adapters) read as its
+  base linear; an active adapter runs through PEFT's own module;
+- rows that finished (EOS) leave the batch: no compute on them;
+- a prompt repeated in the batch (GRPO's num_generations copies) goes through the prompt pass once.
+The floats of a step can differ from `generate`'s in the last bits (matmul shapes: fewer rows, grouped heads), so a
+token can differ only where two candidates nearly tie; tests/test_decode.py checks logits and tokens against
+transformers. Unsupported architectures or settings fall back to transformers (`unsupported`).
+
+Sampling (`sample`) keeps `generate`'s random stream: it draws `torch.multinomial` over the *whole* batch each step,
+finished rows included, until every row has finished or the budget is spent, exactly as `generate` does (the draw of
+a row does not depend on the other rows' probabilities: torch samples one token per row as argmax(p / E), E ~ Exp(1)
+drawn for the whole [batch, vocab] tensor). Its logits warpers are transformers' own classes, in `generate`'s order.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+# generation_config fields under which `generate` applies more than the sampling warpers implemented here, at the value
+# where they do nothing (GenerationMixin._get_logits_processor of transformers 5.24)
+_INACTIVE = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+             "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+             "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None,
+             "sequence_bias": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+             "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1,
+             "num_return_sequences": 1, "guidance_scale": None, "watermarking_config": None, "stop_strings": None,
+             "encoder_repetition_penalty": 1.0, "diversity_penalty": 0.0, "token_healing": False,
+             "assistant_model": None, "prompt_lookup_num_tokens": None}
+
+
+def unsupported(model) -> str | None:
+    """Why this decoder cannot stand in for the model's forward (None: it can)."""
+    base = _causal_lm(model)
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return f"attention implementation {config._attn_implementation!r}"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"]):
+        return "sliding-window layers"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    if not all(hasattr(base, a) for a in ("model", "lm_head")) or not hasattr(base.model, "rotary_emb"):
+        return "not a decoder-only CausalLM with model.layers, model.rotary_emb and lm_head"
+    return None
+
+
+def sampling_unsupported(generation_config) -> str | None:
+    """Why `sample` cannot reproduce `generate` under this generation config (None: it can)."""
+    for key, inactive in _INACTIVE.items():
+        value = getattr(generation_config, key, inactive)
+        if value not in (inactive, None) and not (isinstance(value, (list, dict)) and not value):
+            return f"generation setting {key}={value!r}"
+    if getattr(generation_config, "do_sample", True) is not True:
+        return "do_sample is off"
+    if getattr(generation_config, "cache_implementation", None) not in (None, "dynamic"):
+        return f"cache_implementation {generation_config.cache_implementation!r}"
+    return None
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _linear(module):
+    """The module's forward as one callable: a PEFT LoRA layer whose adapters are off acts as its base layer."""
+    from peft.tuners.lora import LoraLayer
+    if isinstance(module, LoraLayer) and module.disable_adapters and not module.merged:
+        module = module.get_base_layer()
+    if type(module) is torch.nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: torch.nn.functional.linear(x, weight, bias)
+    return module
+
+
+class KVDecoder:
+    """One batch of left-padded prompts: `prefill` then one `step` per token; `keep` drops finished rows."""
+
+    def __init__(self, model):
+        lm = _causal_lm(model)
+        self.config, self.backbone = lm.config, lm.model
+        self.lm = lm
+        self.embed, self.norm, self.head = self.backbone.embed_tokens, self.backbone.norm, _linear(lm.lm_head)
+        self.rotary = self.backbone.rotary_emb
+        self.apply_rotary = sys.modules[type(self.backbone.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.layers = []
+        for layer in self.backbone.layers[:self.config.num_hidden_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(dict(
+                norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
+                q=_linear(attn.q_proj), k=_linear(attn.k_proj), v=_linear(attn.v_proj), o=_linear(attn.o_proj),
+                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                gate=_linear(mlp.gate_proj), up=_linear(mlp.up_proj), down=_linear(mlp.down_proj), act=mlp.act_fn,
+                head_dim=attn.head_dim, scaling=attn.scaling))
+        self.kv_heads = self.config.num_key_value_heads
+        self.groups = self.config.num_attention_heads // self.kv_heads
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """The prompts through the model's own forward (as `generate` runs it: position ids from the mask, a dynamic
+        cache); its keys and values copied into buffers with room for max_new_tokens. The last position's logits."""
+        from transformers import DynamicCache
+        batch, width = input_ids.shape
+        positions = (attention_mask.long().cumsum(1) - 1).masked_fill(attention_mask == 0, 1)
+        cache = DynamicCache(config=self.config)
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                         use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.length, total = width, width + max_new_tokens
+        self.mask = attention_mask.new_zeros(batch, total, dtype=torch.bool)
+        self.mask[:, :width] = attention_mask.bool()
+        self.keys, self.values = [], []
+        for i in range(len(self.layers)):
+            k, v = cache.layers[i].keys, cache.layers[i].values
+            kb = k.new_empty(batch, k.shape[1], total, k.shape[3])
+            vb = v.new_empty(batch, v.shape[1], total, v.shape[3])
+            kb[:, :, :width], vb[:, :, :width] = k, v
+            self.keys.append(kb)
+            self.values.append(vb)
+        return logits
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only these rows (indices into the current batch, repeats allowed) decode on."""
+        self.mask = self.mask[rows]
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row; the next-token logits [rows, vocab]."""
+        t = self.length
+        self.mask[:, t] = True
+        self.length = t + 1
+        mask = self.mask[:, :t + 1]
+        positions = mask.sum(1, keepdim=True) - 1  # as `generate`: the count of real tokens before this one
+        hidden = self.embed(tokens[:, None])
+        cos, sin = self.rotary(hidden, positions)
+        # transformers' eager mask: 0 where attended, the dtype's minimum where not, added to the scores
+        additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(
+            ~mask, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        rows = tokens.shape[0]
+        for i, p in enumerate(self.layers):
+            residual = hidden
+            x = p["norm1"](hidden)
+            d = p["head_dim"]
+            q = p["q"](x).view(rows, 1, -1, d)
+            k = p["k"](x).view(rows, 1, -1, d)
+            v = p["v"](x).view(rows, 1, -1, d)
+            if p["q_norm"] is not None:
+                q, k = p["q_norm"](q), p["k_norm"](k)
+            q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            self.keys[i][:, :, t] = k[:, :, 0]
+            self.values[i][:, :, t] = v[:, 0]
+            keys, values = self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1]
+            q = q.reshape(rows, self.kv_heads, self.groups, d)  # head h = kv_head * groups + g, as repeat_kv
+            scores = torch.matmul(q, keys.transpose(2, 3)) * p["scaling"] + additive
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(weights, values).reshape(rows, 1, -1)
+            hidden = residual + p["o"](out)
+            residual = hidden
+            x = p["norm2"](hidden)
+            hidden = residual + p["down"](p["act"](p["gate"](x)) * p["up"](x))
+        return self.head(self.norm(hidden))[:, -1]
+
+
+def _left_pad(prompt_ids: list[list[int]], pad: int, device, multiple: int | None = None):
+    width = max(len(p) for p in prompt_ids)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompt_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+    return ids, mask
+
+
+def _decode(model, prompt_ids, max_new_tokens: int, eos_ids, pad: int, pick, pad_to_multiple_of=None):
+    """Decode one batch: `pick(logits of the live rows, their batch indices, step)` chooses the next tokens. A row ends
+    at its first EOS (kept) or at the budget. Returns each row's tokens."""
+    device = next(model.parameters()).device
+    decoder = KVDecoder(model)
+    # GRPO repeats each prompt num_generations times: the prompt pass runs once per distinct prompt, its cache rows
+    # then repeated (each row of a forward depends on that row alone)
+    distinct = list(dict.fromkeys(map(tuple, prompt_ids)))
+    ids, mask = _left_pad(distinct, pad, device, pad_to_multiple_of)
+    logits = decoder.prefill(ids, mask, max_new_tokens)
+    if len(distinct) < len(prompt_ids):
+        where = {p: i for i, p in enumerate(distinct)}
+        rows = torch.tensor([where[tuple(p)] for p in prompt_ids], device=device)
+        decoder.keep(rows)
+        logits = logits[rows]
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+    live = torch.arange(len(prompt_ids), device=device)
+    done: list[list[int]] = [[] for _ in prompt_ids]
+    for step in range(max_new_tokens):
+        next_ids = pick(logits, live)
+        for row, token in zip(live.tolist(), next_ids.tolist()):
+            done[row].append(token)
+        if step == max_new_tokens - 1:
+            break
+        running = ~torch.isin(next_ids, eos)
+        if not running.any():
+            break
+        if not running.all():  # finished rows leave the batch, their cache rows with them
+            keep = running.nonzero().squeeze(1)
+            decoder.keep(keep)
+            live, next_ids = live[keep], next_ids[keep]
+        logits = decoder.step(next_ids)
+    return done
+
+
+def greedy(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_ids, pad: int) -> list[list[int]]:
+    """Greedy completions (argmax of the logits) of one left-padded batch; each ends at its first EOS or the budget."""
+    return _decode(model, prompt_ids, max_new_tokens, eos_ids, pad, lambda logits, live: logits.argmax(-1))
+
+
+def warpers(generation_config) -> list:
+    """transformers' own logits warpers for a sampling config, in `generate`'s order (temperature, top-k, top-p,
+    min-p: GenerationMixin._get_logits_processor)."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    c, out = generation_config, []
+    if c.temperature is not None and c.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(c.temperature))
+    if c.top_k is not None and c.top_k != 0:
+        out.append(TopKLogitsWarper(top_k=c.top_k, min_tokens_to_keep=1))
+    if c.top_p is not None and c.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=c.top_p, min_tokens_to_keep=1))
+    if c.min_p is not None:
+        out.append(MinPLogitsWarper(min_p=c.min_p, min_tokens_to_keep=1))
+    return out
+
+
+def sample(model, prompt_ids: list[list[int]], max_new_tokens: int, generation_config, pad: int,
+           pad_to_multiple_of: int | None = None) -> list[list[int]]:
+    """Sampled completions of one batch, as `generate(do_sample=True)` with this config draws them (see the module
+    docstring for the random stream). Each ends at its first EOS (kept) or the budget."""
+    eos_ids = generation_config.eos_token_id
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    processors = warpers(generation_config)
+    batch = len(prompt_ids)
+
+    def pick(logits, live):
+        scores = logits.to(dtype=torch.float32, copy=True)
+        for warp in processors:
+            scores = warp(None, scores)
+        probs = torch.zeros(batch, scores.shape[1], dtype=scores.dtype, device=scores.device)
+        probs[:, pad] = 1.0  # a finished row: any valid distribution (its draw is discarded, as generate pads it)
+        probs[live] = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1)[live]
+
+    return _decode(model, prompt_ids, max_new_tokens, eos_ids, pad, pick, pad_to_multiple_of)
