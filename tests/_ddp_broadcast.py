@@ -1,13 +1,15 @@
 """Child of tests/test_distributed.py (torchrun, 2 processes, gloo): does DDP's wrap, as the Trainer does it
 (accelerate's Accelerator.prepare), give every rank rank 0's weights, the frozen residual base weights of an SVD
-init included? Rank 1 first perturbs every tensor of its policy (a different SVD would differ this way); prints
-one JSON line per rank, exit code 0 when every tensor equals rank 0's after the wrap.
+init included? Rank 1 first perturbs every tensor of its policy (a different SVD would differ this way); each rank
+writes OUT/rank<r>.json (the ranks share a stdout, where lines interleave); exit code 0 when every tensor equals
+rank 0's after the wrap.
 
-usage: torchrun --nproc-per-node 2 _ddp_broadcast.py METHOD
+usage: torchrun --nproc-per-node 2 _ddp_broadcast.py METHOD OUT
 """
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,7 +47,8 @@ def differing(m):
 before = differing(model)
 wrapped = accelerator.prepare(model)
 after = differing(accelerator.unwrap_model(wrapped))
-print(json.dumps({"rank": rank, "tensors": len(names), "frozen_residual": len(frozen_residual),
-                  "trainable": sum(p.requires_grad for p in model.parameters()),
-                  "differ_before": len(before), "differ_after": after}), flush=True)
+report = {"rank": rank, "tensors": len(names), "frozen_residual": len(frozen_residual),
+          "trainable": sum(p.requires_grad for p in model.parameters()), "differ_before": len(before),
+          "differ_after": after}
+(Path(sys.argv[2]) / f"rank{rank}.json").write_text(json.dumps(report))
 sys.exit(0 if not after else 1)

@@ -105,11 +105,12 @@ def test_two_processes_match_one_process_with_fixed_rollouts(tmp_path, tiny, wor
 
 
 @pytest.mark.parametrize("method", ["geora", "pissa"])
-def test_ddp_wrap_broadcasts_trainable_and_frozen_residual_weights(tiny, worker_env, method):
+def test_ddp_wrap_broadcasts_trainable_and_frozen_residual_weights(tmp_path, tiny, worker_env, method):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        str(HERE / "_ddp_broadcast.py"), method], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+                        str(HERE / "_ddp_broadcast.py"), method, str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)
+             if (tmp_path / f"rank{i}.json").is_file()]
     assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr[-3000:]
     for line in lines:
         assert line["frozen_residual"] > 0 and line["trainable"] > 0
