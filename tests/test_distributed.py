@@ -62,6 +62,21 @@ def test_two_process_run_completes_and_rank0_writes_whole_files(tmp_path, tiny, 
     assert not leftovers, leftovers
 
 
+def test_a_two_process_run_reports_to_tensorboard_from_rank_0_only(tmp_path, tiny, worker_env):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bench.trackers import make_tracking
+    s = spec(steps=2)
+    summary = run_one(s, tmp_path / s.run_id, progress=False, nproc=2, tracking=make_tracking("tensorboard", tmp_path))
+    assert summary["status"] == "ok", summary
+    events = list((tmp_path / s.run_id).rglob("events.out.tfevents*"))
+    assert len(events) == 1, events  # one writer: rank 0
+    ea = EventAccumulator(str(events[0]))
+    ea.Reload()
+    assert {"train/bench/kl_ref", "train/bench/kl_step"} <= set(ea.Tags()["scalars"])
+
+
 # What differs between the two runs is the order of float sums (the gradient all-reduce averages two half-batch sums;
 # each process left-pads its prompts to its own longest, which shifts rotary positions by a constant). Measured on a
 # 2-core CPU (torch 2.13, float32), 4 steps: loss, reward, reward_std and completion_length identical; grad_norm
