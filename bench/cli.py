@@ -39,17 +39,18 @@ def cmd_run(args) -> int:
     specs = build_specs(options, derived)
     out = default_out(options)
     tracking = preflight.check_sweep(args, options, specs, out, existing_runs=not args.tune)
+    nproc = preflight.check_nproc(args, options, specs)
     preset = load_config_file(preset_path(args.preset), "preset") if args.preset else None
     print("\n".join(settings_lines(specs, baseline(preset), derived, verbose=args.verbose)), flush=True)
     if args.tune:  # the learning rate tuned per cell first (bench.tune): trials in out/tuning, then the runs
         from bench.tune import cmd_tune
-        return cmd_tune(args, options, specs, out, submit=lambda a, s, o: submit_to_slurm(a, s, o, tracking),
-                        tracking=tracking)
+        return cmd_tune(args, options, specs, out, submit=lambda a, s, o: submit_to_slurm(a, s, o, tracking, nproc),
+                        tracking=tracking, nproc=nproc)
     if args.executor == "slurm":
-        return submit_to_slurm(args, specs, out, tracking)
-    jobs = preflight.parse_jobs(args.jobs, specs)
+        return submit_to_slurm(args, specs, out, tracking, nproc)
+    jobs = preflight.parse_jobs(args.jobs, specs, nproc)
     check_sweep_cost(specs, out, jobs, yes=args.yes)  # printed; refused where beyond this device
-    df = run_sweep(specs, out, progress=not args.no_progress, jobs=jobs, tracking=tracking)
+    df = run_sweep(specs, out, progress=not args.no_progress, jobs=jobs, tracking=tracking, nproc=nproc)
     held = df.attrs.get("held", [])
     if not df.empty:
         df = df[~df.run_id.isin(held)]  # another process is running these: their summary.json is not final
@@ -62,8 +63,9 @@ def cmd_run(args) -> int:
     return 1 if counts.get("failed") else 0
 
 
-def submit_to_slurm(args, specs, out: Path, tracking=None) -> int:
-    """The grid (minus finished, pending and running runs) as one SLURM job array."""
+def submit_to_slurm(args, specs, out: Path, tracking=None, nproc: int | None = None) -> int:
+    """The grid (minus finished, pending and running runs) as one SLURM job array. nproc: processes per run
+    (None: the profile's gpus_per_node, else 1); they start inside each array task (bench.distributed)."""
     import shutil
 
     from bench import slurm
@@ -75,11 +77,12 @@ def submit_to_slurm(args, specs, out: Path, tracking=None) -> int:
         if f.name in slurm.PROFILE_FIELDS and getattr(args, f.name) is not None:
             profile[f.name] = getattr(args, f.name)
     slurm.load_profile_values(profile)
+    nproc = slurm.task_nproc(profile, nproc, specs)
     todo = slurm.to_submit(specs, out, resume=args.resume)
     if not todo:
         print(f"nothing to submit: all {len(specs)} runs in {out} are finished, pending or running")
         return 0
-    record = slurm.submit(todo, out, profile, tracking)
+    record = slurm.submit(todo, out, profile, tracking, nproc)
     array = record["arrays"][-1]["array_id"]
     print(f"submitted SLURM array {array}: {len(todo)} run(s) of {len(specs)} into {out}")
     if not args.wait:

@@ -37,6 +37,7 @@ import torch
 import trl
 from trl import GRPOConfig, GRPOTrainer
 
+from bench.distributed import ddp_settings, is_main, per_process_batch
 from bench.errors import BenchError
 from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
@@ -82,7 +83,8 @@ def grpo_settings(spec, method, output_dir: str = "", reward_weights: list[float
         importance_sampling_level="token", num_iterations=1, mask_truncated_completions=False,
         top_entropy_quantile=1.0,
         # batching: each generation batch feeds two optimizer steps, so the ratio and clipping are live
-        per_device_train_batch_size=spec.micro_batch, gradient_accumulation_steps=spec.grad_accum,
+        # N data-parallel processes (bench.distributed) take micro_batch / N each: the global batch is unchanged
+        per_device_train_batch_size=per_process_batch(spec.micro_batch), gradient_accumulation_steps=spec.grad_accum,
         steps_per_generation=2 * spec.grad_accum, num_generations=spec.num_generations,
         max_completion_length=spec.max_completion_length,
         temperature=spec.temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
@@ -97,9 +99,13 @@ def grpo_settings(spec, method, output_dir: str = "", reward_weights: list[float
         logging_steps=1, report_to="none", disable_tqdm=True, log_completions=False,
         save_strategy="steps", save_steps=spec.checkpoint_every, save_total_limit=1,
         reward_weights=reward_weights,
+        **ddp_settings(on_cuda=not use_cpu),  # none in a 1-process run
     )
-    if spec.generation_backend == "vllm":  # TRL's colocated vLLM; its importance-sampling correction stays on
-        kwargs.update(use_vllm=True, vllm_mode="colocate")
+    if spec.generation_backend == "vllm":  # TRL's vLLM; its importance-sampling correction stays on
+        kwargs.update(use_vllm=True, vllm_mode=spec.vllm_mode)
+        if spec.vllm_mode == "server":  # `trl vllm-serve` on GPUs of its own (README, "Sweeps on SLURM")
+            host, port = spec.vllm_server_address
+            kwargs.update(vllm_server_host=host, vllm_server_port=port)
     if chat:
         kwargs["chat_template_kwargs"] = {"enable_thinking": False}
     kwargs.update(spec.grpo)              # a preset's or user's extra TRL settings (checked in bench.spec)
@@ -124,7 +130,8 @@ def make_trainer(spec, method, params: dict, policy, tokenizer, dataset, output_
                                                  processing_class=tokenizer, **kwargs)
     trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict
     if isinstance(trainer, BenchGRPOTrainer):  # before the hooks: a method's note() goes to run.log
-        trainer.log_path, trainer.run_id = log_path, spec.run_id
+        # run.log is rank 0's (bench.distributed): another rank's notes go to its stderr only
+        trainer.log_path, trainer.run_id = log_path if is_main() else None, spec.run_id
     for hook in method.trainer_hooks:
         hook(trainer, params)
     for callback in callbacks or ():
@@ -451,8 +458,9 @@ class BenchGRPOTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch):
         t0, prep0 = time.perf_counter(), self._prep_seconds
         hook = None
+        unwrapped = self.accelerator.unwrap_model(model)  # (DDP's wrapper in a multi-process run: no collective here)
         if self._step_first_batch is None and self.step_kl.reads_hidden(  # the step's first micro-batch
-                model, autocast=self.args.bf16 or self.args.fp16):
+                unwrapped, autocast=self.args.bf16 or self.args.fp16):
             self._hidden = None  # (the Trainer prepares `inputs` inside training_step: the hook waits for it)
             hook = self._final_hidden_hook(model)
         try:
@@ -465,6 +473,6 @@ class BenchGRPOTrainer(GRPOTrainer):
             b = self._step_first_batch  # parameters are still those before the optimizer step
             batch = RolloutBatch(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
             with self.timed("metrics"), torch_threads(self.forward_threads):
-                self.add_step_metrics(self.step_kl.capture_before(model, batch, hidden=self._hidden))
+                self.add_step_metrics(self.step_kl.capture_before(unwrapped, batch, hidden=self._hidden))
             self._step_first_batch = self._hidden = None
         return loss

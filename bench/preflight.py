@@ -59,11 +59,24 @@ def check_executor_flags(args) -> None:
                          "--array-parallelism caps how many run at once)")
 
 
-def parse_jobs(value: str, specs) -> int:
-    """--jobs: a positive integer, or 'auto' (bench.sweep.auto_jobs)."""
+def check_nproc(args, options: dict, specs) -> int | None:
+    """--nproc-per-run (bench.distributed): None where not given (SLURM then takes the profile's gpus_per_node),
+    else N, refused where N processes cannot run these specs here."""
+    from bench.distributed import check_nproc as check
+    from bench.distributed import parse_nproc
+    if options.get("nproc_per_run") is None:
+        return None
+    nproc = parse_nproc(options["nproc_per_run"])
+    check(specs, nproc, local=args.executor == "local")
+    return nproc
+
+
+def parse_jobs(value: str, specs, nproc: int | None = None) -> int:
+    """--jobs: a positive integer, or 'auto' (bench.sweep.auto_jobs; with N processes per run, a run at a time
+    per N GPUs or N cores)."""
     from bench.parallel import auto_jobs
     if str(value).strip().lower() == "auto":
-        return auto_jobs(specs)
+        return max(1, auto_jobs(specs) // (nproc or 1))
     try:
         jobs = int(value)
     except ValueError:

@@ -36,5 +36,8 @@ def git_sha() -> str:
 
 
 def run_machine() -> dict:
-    """The machine of a run, as config.json records it (torch_threads: the run's own thread count)."""
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    """The machine of a run, as config.json records it (torch_threads: the run's own thread count, per process;
+    world_size: the run's data-parallel processes, bench.distributed)."""
+    from bench.distributed import world_size
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "world_size": world_size()}

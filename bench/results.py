@@ -84,6 +84,8 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("init_kl_to_base_tokens", NUMBER, "token positions behind init_kl_to_base", csv=False),
     Field("device", TEXT, "cpu or cuda", csv=False),
     Field("resumed_from", TEXT, "the checkpoint the run resumed from, if any", csv=False),
+    Field("world_size", NUMBER, "data-parallel processes the run trained on (--nproc-per-run; bench.distributed); "
+          "not part of the run's identity, like its thread count", csv=False),
     Field("lm_eval", JSON, "lm-eval results (--final-eval lm-eval)", csv=False),
     Field("warnings", JSON, "the run's one-line warnings: truncation, no reward variance (bench.health)", csv=False),
 )

@@ -24,6 +24,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from bench import distributed
 from bench.device import PeakMemory, resolve_device, run_device
 from bench.engine import make_trainer
 from bench.errors import BenchError
@@ -81,9 +82,13 @@ class MetricsCallback(TrainerCallback):
                 # completions that hit the budget without EOS (TRL: the last token is neither EOS nor padding)
                 "completions/clipped_ratio": "frac_truncated"}
 
-    def __init__(self, path: Path, probe, reference, tokenizer, spec: RunSpec, rows: list, bar=None):
+    def __init__(self, path: Path, probe, reference, tokenizer, spec: RunSpec, rows: list, bar=None,
+                 main: bool = True):
         self.path, self.probe, self.reference, self.tokenizer = path, probe, reference, tokenizer
         self.spec, self.rows, self.bar = spec, rows, bar
+        # a multi-process run's rank > 0 (bench.distributed): it measures and writes nothing, but stops and
+        # diverges at the same step as rank 0 (the others would wait for it in the next collective)
+        self.main = main
         self.trainer = None
         self.report = None  # where rows also go: an experiment tracker session (bench.trackers.Session.report)
         self.pending: dict | None = None
@@ -100,7 +105,7 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         self.last = self._snapshot()
-        if state.global_step == 0 and not self.rows:
+        if self.main and state.global_step == 0 and not self.rows:
             with self.trainer.timed("metrics"), torch_threads(self.trainer.forward_threads):
                 m = self.probe.measure(model, self.tokenizer, self.reference)
             # before any update: no step has happened and no rollout exists yet
@@ -114,17 +119,24 @@ class MetricsCallback(TrainerCallback):
         if not all(torch.isfinite(p).all() for p in self.reference.trainable()):
             raise Diverged(f"parameters not finite after step {state.global_step}")
         row = {"step": state.global_step}
-        with self.trainer.timed("metrics"), torch_threads(self.trainer.forward_threads):
-            row.update(self.trainer.pop_step_metrics())  # a method's (bench.engine's contract), then ours
-            row.update(self.trainer.step_kl.after_step(model))
-            if state.global_step % self.spec.probe_every == 0 or state.global_step == state.max_steps:
-                row.update(self.probe.measure(model, self.tokenizer, self.reference))
+        if self.main:
+            with self.trainer.timed("metrics"), torch_threads(self.trainer.forward_threads):
+                row.update(self.trainer.pop_step_metrics())  # a method's (bench.engine's contract), then ours
+                row.update(self.trainer.step_kl.after_step(model))
+                if state.global_step % self.spec.probe_every == 0 or state.global_step == state.max_steps:
+                    row.update(self.probe.measure(model, self.tokenizer, self.reference))
+        else:
+            self.trainer.pop_step_metrics()
+            self.trainer.step_kl.batch = self.trainer.step_kl.before = None
         # A stop request takes effect at a generation-batch boundary: TRL does not checkpoint its buffered
-        # rollouts, so resuming there gives exactly the run that was not interrupted.
-        if _STOP_REQUESTED.is_set() and state.global_step % (args.steps_per_generation //
-                                                            args.gradient_accumulation_steps) == 0:
+        # rollouts, so resuming there gives exactly the run that was not interrupted. (Every rank of a multi-process
+        # run asks the others: they stop at the same step.)
+        if state.global_step % (args.steps_per_generation // args.gradient_accumulation_steps) == 0 and \
+                distributed.any_rank(_STOP_REQUESTED.is_set()):
             control.should_save = control.should_training_stop = True
             self.stopped_at = state.global_step
+        if not self.main:
+            return
         phases, tokens, now = self._snapshot()
         (prev_phases, prev_tokens, prev_now) = self.last
         for k in self.PHASES:
@@ -143,6 +155,11 @@ class MetricsCallback(TrainerCallback):
             f.write(f"warning: {message}\n")
 
     def on_log(self, args, state, control, logs=None, **kw):
+        if not self.main:  # TRL's logged values are gathered over the ranks: every rank sees rank 0's
+            bad = [k for k in ("loss", "grad_norm") if logs and k in logs and not math.isfinite(float(logs[k]))]
+            if bad:
+                raise Diverged(f"{' and '.join(bad)} not finite at step {state.global_step}")
+            return
         if self.pending is None or logs is None or "loss" not in logs:
             return
         row, self.pending = self.pending, None
@@ -231,12 +248,13 @@ def check_run_dir(spec: RunSpec, run_dir: Path) -> dict | None:
 
 
 def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None,
-            tracking=None) -> dict:
+            tracking=None, nproc: int = 1) -> dict:
     """Run (or skip, or resume) one run; always leaves a summary.json with its status. A run that another process
     is running (it holds the run directory's lock, bench.runlock) is left to it: the returned status is `held`,
     and nothing in the directory is touched.
     bar: an object with tqdm's update/set_postfix/close to report steps to instead of a bar of its own.
-    tracking: experiment trackers to report to (bench.trackers.Tracking; None: none)."""
+    tracking: experiment trackers to report to (bench.trackers.Tracking; None: none).
+    nproc: data-parallel processes for the run (bench.distributed; 1: this process)."""
     run_dir = Path(run_dir)
     if (finished := check_run_dir(spec, run_dir)) is not None:
         return finished
@@ -245,22 +263,66 @@ def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int =
             # checked again under the lock: another process may have finished it in the meantime
             if (finished := check_run_dir(spec, run_dir)) is not None:
                 return finished
+            if nproc > 1:
+                return _run_launched(spec, run_dir, nproc, progress, bar, tracking)
             with torch_threads(run_threads(spec)):  # before config.json records the thread count
                 return _run_one(spec, run_dir, progress, position, bar, tracking)
     except RunHeld as held:
         return outcome(spec, "held", f"being run by another process ({held.holder}); left to it")
 
 
+def _run_launched(spec: RunSpec, run_dir: Path, nproc: int, progress: bool, bar, tracking) -> dict:
+    """The run as `nproc` processes (bench.distributed.launch); rank 0 writes its files and summary.json. Where
+    no process got to write summary.json (a rank failed and torchrun stopped the others, or one was killed), the
+    run is recorded `failed` here, with the failing rank's error."""
+    summary_path = run_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)  # not a finished run's (check_run_dir): one from an earlier attempt
+    threads = run_threads(spec) or max(1, torch.get_num_threads() // nproc)
+    t0 = time.perf_counter()
+    code, error = distributed.launch(spec, run_dir, nproc, threads=threads, progress=progress and bar is None,
+                                     tracking=tracking, stop_requested=_STOP_REQUESTED.is_set)
+    summary = None
+    if summary_path.is_file():
+        try:
+            summary = read_json(summary_path)
+        except (OSError, ValueError):
+            summary = None
+    if isinstance(summary, dict) and summary.get("status") == "failed" and any(run_dir.glob("error_rank*.log")):
+        # rank 0 failed because another rank did (a closed connection in a collective): that rank's error is the cause
+        summary["error"] = f"{error} (rank0: {summary.get('error')})"[:500]
+        atomic_write_json(summary_path, summary)
+    elif not isinstance(summary, dict):
+        summary = identity(spec)
+        summary.update(status="failed", world_size=nproc,
+                       error=f"a process of the {nproc}-process run failed (exit code {code}): {error}"[:500])
+        if (run_dir / "metrics.jsonl").is_file():
+            summary.update(_aggregate(read_jsonl(run_dir / "metrics.jsonl")))
+        summary["run_seconds"] = round(time.perf_counter() - t0, 2)
+        atomic_write_json(summary_path, summary)
+    if bar is not None and summary.get("steps_done"):
+        bar.update(summary["steps_done"])
+    return summary
+
+
+def run_rank(spec: RunSpec, run_dir: Path, progress: bool, tracking=None) -> str:
+    """One rank of a multi-process run (bench.ddp_worker): the run as in one process, rank 0 writing its files;
+    returns the run's status (on ranks > 0: ok, or failed after writing error_rank<r>.log)."""
+    return _run_one(spec, Path(run_dir), progress, 1, None, tracking)["status"]
+
+
 def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar, tracking=None) -> dict:
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
     method = get_method(spec.method)
+    if not distributed.is_main():
+        return _follow(spec, method, run_dir)
     atomic_write_json(config_path, {
         "spec": spec.to_dict(), "spec_key": spec.key(), "run_id": spec.run_id,
         "method": {"name": method.name, "summary": method.summary, "cite": method.cite,
                    "beta": method.resolved_beta(spec.method_params),
                    "init_lora_weights": str(method.resolved_init(spec.method_params)),
                    "params": method.resolve_params(spec.method_params),
-                   "grpo_overrides": method.grpo_overrides},
+                   "grpo_overrides": method.grpo_overrides,
+                   "data_parallel": method.data_parallel or distributed.DEFAULT_MEANING},
         "metrics": {"temperature": spec.temperature, "probe_sampling": PROBE_SAMPLING},
         "versions": versions(), "git_sha": git_sha(), "machine": run_machine()})
     t0 = time.perf_counter()
@@ -281,11 +343,29 @@ def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar, t
         summary.update(status="failed", error=f"{type(e).__name__}: {e}".strip().splitlines()[0][:500])
         atomic_write_text(run_dir / "error.log", traceback.format_exc())
     summary["run_seconds"] = round(time.perf_counter() - t0, 2)
+    summary.setdefault("world_size", distributed.world_size())
     _remove_if_empty(run_dir / "checkpoints")  # a run that failed before its first checkpoint
     if summary["status"] != "ok" and (run_dir / "metrics.jsonl").is_file():
         summary.update(_aggregate(read_jsonl(run_dir / "metrics.jsonl")))
     atomic_write_json(summary_path, summary)
     return summary
+
+
+def _follow(spec: RunSpec, method: Method, run_dir: Path) -> dict:
+    """A rank > 0 of a multi-process run: trains alongside rank 0 and writes nothing but, on failure,
+    error_rank<r>.log (rank 0 writes the run's files)."""
+    try:
+        _train(spec, method, run_dir, False, 1)
+        return {"status": "ok"}
+    except Diverged as e:
+        return {"status": "diverged", "error": str(e)}
+    except Preempted as e:
+        return {"status": "preempted", "error": str(e)}
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        atomic_write_text(run_dir / f"error_rank{distributed.rank()}.log", traceback.format_exc())
+        return {"status": "failed"}
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -444,6 +524,7 @@ def summarize(rows: list[dict], base: dict, final: dict, prep: Prepared, *, devi
         "setup_seconds": round(seconds["setup"], 3), "forward_threads": threads or torch.get_num_threads(),
         "trainable_params": trainable_parameters(prep.policy), "trained_set": trained_set(prep.policy),
         **prep.init_kl, "device": device, **run_device(device), "resumed_from": checkpoint.name if checkpoint else None,
+        "world_size": distributed.world_size(),
     })
     out.update(method_summary)
     return out
@@ -460,8 +541,9 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
         evals = evals[:spec.eval_size]
     probe_questions = [e.question for e in evals[:spec.probe_size]]
     prep = prepare(spec, method, device, progress, init_kl_questions=probe_questions)
+    main = distributed.is_main()
     adapter_init_dir = run_dir / "adapter_init"
-    if prep.residual and not adapter_init_dir.exists():
+    if main and prep.residual and not adapter_init_dir.exists():
         prep.policy.save_pretrained(adapter_init_dir)  # the initial adapter: to convert the trained one for reload
     reference = InitialPolicy(prep.policy)
     eval_set = EvalSet.of(evals, prep.to_prompt)
@@ -469,9 +551,11 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
     with phase_bar(f"{spec.run_id}: checking forwards on several threads", **at):
         fwd_threads = forward_threads(spec, prep.policy, prep.tokenizer, eval_set.prompts)
     t_eval = time.perf_counter()
-    base = greedy_eval(spec, prep, eval_set, fwd_threads, memo_dir=eval_memo_dir(),  # shared by runs from these weights
-                       bar={"desc": f"{spec.run_id}: base eval", **at})
-    atomic_write_jsonl(run_dir / "eval_base.jsonl", base["items"])
+    if main:  # (a multi-process run's other ranks wait: the eval is the 1-process run's)
+        base = greedy_eval(spec, prep, eval_set, fwd_threads, memo_dir=eval_memo_dir(),  # shared by runs from these
+                           bar={"desc": f"{spec.run_id}: base eval", **at})                # weights
+        atomic_write_jsonl(run_dir / "eval_base.jsonl", base["items"])
+    distributed.barrier()
     eval_seconds = eval_base_seconds = time.perf_counter() - t_eval
 
     # resume, then train
@@ -485,7 +569,8 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
         bar.update(done_steps)
     probe = ProbeSet([prep.to_prompt(q) for q in probe_questions], spec.max_completion_length, seed=spec.seed,
                      temperature=spec.temperature, progress=progress, position=position + 1)
-    callback = MetricsCallback(run_dir / "metrics.jsonl", probe, reference, prep.tokenizer, spec, rows, bar)
+    callback = MetricsCallback(run_dir / "metrics.jsonl", probe, reference, prep.tokenizer, spec, rows, bar,
+                               main=main)
     trackers = Session(tracking, spec.run_id, run_dir)  # experiment trackers (none by default)
     trainer = build_trainer(spec, prep, run_dir, dataset, device, callback, fwd_threads,
                             report=trackers.grpo_settings())
@@ -501,6 +586,8 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
         raise
     finally:
         trackers.close(ok=trained)
+    if not main:
+        return {}
 
     # evaluate, save, summarize
     t_eval = time.perf_counter()

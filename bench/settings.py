@@ -81,6 +81,11 @@ class SweepOptions:
                                           "(default "
                                           "none; pip install -e \".[trackers]\"); not part of a run's identity",
                                     kind="list", metavar="TRACKERS")
+    nproc_per_run: int | None = setting(None, "data-parallel processes per run (accelerate DDP through torchrun: gloo "
+                                              "on CPU, NCCL with one GPU each on CUDA); each takes micro_batch / N "
+                                              "completions, so the global batch is unchanged; not part of a run's "
+                                              "identity (recorded as world_size); SLURM: default one per training "
+                                              "GPU of a task (gpus_per_node less vllm_server_gpus)", metavar="N")
     lr_grid: str | None = setting(None, "--tune: learning rates to try, A,B,C or LOW:HIGH:N (log-spaced); default "
                                         "the run's lr x 10^(-1,-0.5,0,0.5,1)", kind="list")
     tune_steps: int | None = setting(None, "--tune: steps per trial (default: the run's steps)")

@@ -32,6 +32,8 @@ PROFILE_FIELDS = {
     "timeout_min": (int, "timeout_min"), "array_parallelism": (int, "slurm_array_parallelism"),
     "signal_delay_s": (int, "slurm_signal_delay_s"), "setup": (list, "slurm_setup"),
     "additional_parameters": (dict, "slurm_additional_parameters"),
+    # the task's last GPUs, kept for a `trl vllm-serve` its setup starts (vllm_mode server): not for training
+    "vllm_server_gpus": (int, None),
 }
 # signal_delay_s: USR2 this long before the time limit, to finish the generation batch and save a checkpoint
 DEFAULT_PROFILE = {"timeout_min": 60, "cpus_per_task": 1, "array_parallelism": 64, "signal_delay_s": 300}
@@ -71,7 +73,7 @@ def load_profile_values(profile: dict, where: str = "SLURM options") -> None:
 
 
 def executor_parameters(profile: dict) -> dict:
-    return {PROFILE_FIELDS[k][1]: v for k, v in profile.items() if v is not None}
+    return {PROFILE_FIELDS[k][1]: v for k, v in profile.items() if v is not None and PROFILE_FIELDS[k][1]}
 
 
 class RunTask:
@@ -79,8 +81,8 @@ class RunTask:
     preemption or the time limit, the run stops at a generation-batch boundary with a checkpoint, and submitit
     requeues this same call, which resumes from it. tracking: experiment trackers (bench.trackers.Tracking)."""
 
-    def __init__(self, tracking=None):
-        self.tracking = tracking
+    def __init__(self, tracking=None, nproc: int = 1):
+        self.tracking, self.nproc = tracking, nproc
 
     def __call__(self, spec: dict, run_dir: str) -> dict:
         from bench import runner  # torch and TRL: imported in the array task only, not by `bench status`
@@ -89,8 +91,9 @@ class RunTask:
         # on it, and a SLURM sweep must reproduce a local one bit for bit
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, lambda *_: runner.request_stop())
+        # nproc > 1: the task's processes start here (bench.distributed.launch: torchrun over the task's GPUs)
         summary = runner.run_one(RunSpec.from_dict(spec), Path(run_dir), progress=False,
-                                 tracking=getattr(self, "tracking", None))
+                                 tracking=getattr(self, "tracking", None), nproc=getattr(self, "nproc", 1))
         if summary.get("status") == "preempted" and callable(submitit_handler):
             submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
         return summary
@@ -149,7 +152,25 @@ def _remove_new(folder: Path, before: set[Path], new_dirs: list[Path]) -> None:
             break
 
 
-def submit(specs, out: Path, profile: dict, tracking=None) -> dict:
+def task_nproc(profile: dict, nproc: int | None, specs) -> int:
+    """Processes per run of a SLURM sweep: --nproc-per-run, else one per training GPU of the task (the profile's
+    gpus_per_node less its vllm_server_gpus), else 1. Rank r trains on the task's GPU r, so a vLLM server the setup
+    starts goes on the last GPUs. More processes than training GPUs is refused (the node checks the rest)."""
+    from bench.distributed import check_nproc
+    gpus, server = profile.get("gpus_per_node"), profile.get("vllm_server_gpus") or 0
+    if server and (not gpus or server >= gpus):
+        raise BenchError(f"SLURM profile: vllm_server_gpus {server} leaves no GPU of the task's "
+                         f"{gpus or 0} (gpus_per_node) for training")
+    training = (gpus - server) if gpus else None
+    n = nproc if nproc is not None else (training or 1)
+    if training and n > training:
+        raise BenchError(f"--nproc-per-run {n}: the SLURM profile gives each task {training} training GPU(s); one "
+                         "per process")
+    check_nproc(specs, n, local=False)
+    return n
+
+
+def submit(specs, out: Path, profile: dict, tracking=None, nproc: int = 1) -> dict:
     """Submit the specs as one job array; record {run_id: job_id} in out/slurm_jobs.json. Returns the record."""
     import submitit
 
@@ -161,7 +182,7 @@ def submit(specs, out: Path, profile: dict, tracking=None) -> dict:
         executor = submitit.AutoExecutor(folder=str(out / ".slurm" / "%j"), cluster="slurm", slurm_max_num_timeout=3)
         executor.update_parameters(name=f"bench-{out.name}", **executor_parameters(profile))
         with _captured_stderr() as err:  # submitit lets sbatch write to our stderr; keep it for the one-line error
-            jobs = executor.map_array(RunTask(tracking), [s.to_dict() for s in specs],
+            jobs = executor.map_array(RunTask(tracking, nproc), [s.to_dict() for s in specs],
                                       [str(out / s.run_id) for s in specs])
     except Exception as e:  # sbatch refused (no such partition, bad limits): nothing is recorded as submitted
         _remove_new(out / ".slurm", before, new_dirs)  # and nothing is left: submitit's pickles and script

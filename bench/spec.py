@@ -30,10 +30,13 @@ def parse_rank(value) -> int | str:
 RESERVED_GRPO = {"output_dir", "beta", "max_steps", "seed", "data_seed", "learning_rate", "temperature",
                  "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                  "num_generations", "max_completion_length", "save_steps", "save_strategy", "logging_steps",
-                 "report_to", "use_cpu", "bf16", "fp16", "reward_weights", "use_vllm"}
+                 "report_to", "use_cpu", "bf16", "fp16", "reward_weights", "use_vllm", "vllm_mode",
+                 "vllm_server_host", "vllm_server_port", "vllm_server_base_url"}
 # fast: bench.decode (rollouts and greedy evals) where the model and sampling settings allow, else transformers';
 # transformers: the model's own `generate` (TRL's regular path) and the greedy eval's DynamicCache forward
 GENERATION_BACKENDS = ("fast", "transformers", "vllm")
+VLLM_MODES = ("colocate", "server")  # TRL's GRPOConfig.vllm_mode
+SERVER_PATTERN = re.compile(r"(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})")
 
 
 # Refused before any training (a documented bound, not a measurement): the longest shipped preset runs 604 optimizer
@@ -136,10 +139,11 @@ def check_reward(reward) -> None:
         raise BenchError("bad reward: the correct and format weights are both 0 (nothing to learn from)")
 
 
-def _setting(default=None, help: str = "", factory=None, settable: bool = True):
+def _setting(default=None, help: str = "", factory=None, settable: bool = True, identity: bool = True):
     """A RunSpec field with its default and its help (TRL's GRPOConfig style): `bench run --help` lists every field
-    that `--set` may change, with this help (bench.settings). settable=False: written by the harness only."""
-    meta = {"help": help, "settable": settable}
+    that `--set` may change, with this help (bench.settings). settable=False: written by the harness only.
+    identity=False: where the run happens, not what it computes (left out of the run's key, like its thread count)."""
+    meta = {"help": help, "settable": settable, "identity": identity}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -185,7 +189,12 @@ class RunSpec:
     generation_backend: str = _setting("fast", "rollouts and greedy evals: fast (bench.decode's lean KV-cache "
                                                "decoder where the model and sampling settings allow, else "
                                                "transformers), transformers (the model's generate) or vllm "
-                                               "(TRL's colocated vLLM; CUDA, optional)")
+                                               "(TRL's vLLM, vllm_mode; CUDA, optional)")
+    vllm_mode: str = _setting("colocate", "vLLM generation: colocate (vLLM inside each training process) or server "
+                                          "(a `trl vllm-serve` process on GPUs of its own, at vllm_server; "
+                                          "slurm/vllm-server-example.yaml); implies generation_backend vllm")
+    vllm_server: str = _setting("localhost:8000", "HOST:PORT of the `trl vllm-serve` server (vllm_mode server); "
+                                                  "not part of a run's identity", identity=False)
     lora_scaling: str = _setting("rank", "LoRA scaling rule: rank (alpha = r), fixed:N (alpha = N) or rslora[:N] "
                                          "(alpha N / sqrt(r), N default 4); bench.scaling")
     eval_split: str = _setting("eval", "the split evaluated: eval, or dev (learning-rate tuning trials, bench.tune)")
@@ -217,11 +226,19 @@ class RunSpec:
         if self.generation_backend not in GENERATION_BACKENDS:
             raise BenchError(f"bad generation_backend {self.generation_backend!r}; valid: "
                              f"{', '.join(GENERATION_BACKENDS)}")
+        if self.vllm_mode not in VLLM_MODES:
+            raise BenchError(f"bad vllm_mode {self.vllm_mode!r}; valid: {', '.join(VLLM_MODES)}")
+        if self.vllm_mode == "server":  # a server is only for vLLM generation: asking for one chooses vLLM
+            object.__setattr__(self, "generation_backend", "vllm")
+        if not isinstance(self.vllm_server, str) or not SERVER_PATTERN.fullmatch(self.vllm_server) \
+                or not 0 < int(SERVER_PATTERN.fullmatch(self.vllm_server)["port"]) < 65536:
+            raise BenchError(f"bad vllm_server {self.vllm_server!r}: expected HOST:PORT, e.g. localhost:8000")
         if self.generation_backend == "vllm":
             import importlib.util
             if importlib.util.find_spec("vllm") is None:
-                raise BenchError("generation_backend vllm: vLLM is not installed (pip install vllm, on a CUDA "
-                                 "machine); the default, transformers, needs nothing more")
+                what = "vllm_mode server" if self.vllm_mode == "server" else "generation_backend vllm"
+                raise BenchError(f"{what}: vLLM is not installed (pip install vllm, on a CUDA machine); the default, "
+                                 "transformers, needs nothing more")
         if self.num_generations < 2:
             raise BenchError("num_generations must be >= 2 (GRPO needs a group)")
         if (2 * self.micro_batch * self.grad_accum) % self.num_generations:
@@ -296,7 +313,14 @@ class RunSpec:
         return asdict(self)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """The run's identity: a digest of every field but those where the run happens (NOT_IDENTITY)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def vllm_server_address(self) -> tuple[str, int]:
+        m = SERVER_PATTERN.fullmatch(self.vllm_server)
+        return m["host"].strip("[]"), int(m["port"])
 
     def __hash__(self):
         return hash(self.key())
@@ -305,6 +329,10 @@ class RunSpec:
     def from_dict(cls, d: dict) -> RunSpec:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# fields that say where a run happens, not what it computes: outside its key and its table identity (bench.variants)
+NOT_IDENTITY = tuple(f.name for f in fields(RunSpec) if not f.metadata.get("identity", True))
 
 
 def stored_key(config: dict) -> str | None:

@@ -46,11 +46,14 @@ def check_writable(out: Path) -> None:
         raise BenchError(f"output directory {out} is not writable: {e.strerror or e}") from None
 
 
-def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1, tracking=None) -> pd.DataFrame:
+def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int = 1, tracking=None,
+              nproc: int | None = None) -> pd.DataFrame:
     """Run the grid: in this process (jobs 1) or in `jobs` worker processes of cpu_count // jobs threads (a run
     may pin fewer: parallel.run_threads). Runs that another process is running (another invocation on the same
     --out) are left to it, said on stderr, and listed in the returned table's attrs["held"]. tracking: experiment
-    trackers (bench.trackers.Tracking)."""
+    trackers (bench.trackers.Tracking). nproc: data-parallel processes per run (bench.distributed; None: 1);
+    with jobs > 1 on CUDA each worker is pinned to nproc GPUs of its own."""
+    nproc = nproc or 1
     check_writable(out)
     held = []
 
@@ -59,12 +62,13 @@ def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int 
             held.append(spec.run_id)
             tqdm.write(f"{spec.run_id}: {summary['error']}", file=sys.stderr)
     if jobs > 1 and len(specs) > 1:
-        _run_parallel(specs, out, progress, min(jobs, len(specs)), finished, tracking)
+        _run_parallel(specs, out, progress, min(jobs, len(specs)), finished, tracking, nproc)
     else:
         bar = tqdm(specs, desc="runs", position=0, disable=not progress)
         for spec in bar:
             bar.set_postfix_str(spec.run_id)
-            finished(spec, run_one(spec, out / spec.run_id, progress=progress, position=1, tracking=tracking))
+            finished(spec, run_one(spec, out / spec.run_id, progress=progress, position=1, tracking=tracking,
+                                   nproc=nproc))
             collect(out)
     df = collect(out)
     df.attrs["held"] = held
@@ -96,12 +100,14 @@ class _QueueBar:
         pass
 
 
-def _run_in_worker(spec_dict: dict, run_dir: str, tracking=None) -> dict:
-    summary = run_one(RunSpec.from_dict(spec_dict), Path(run_dir), progress=False, bar=_QueueBar(), tracking=tracking)
+def _run_in_worker(spec_dict: dict, run_dir: str, tracking=None, nproc: int = 1) -> dict:
+    summary = run_one(RunSpec.from_dict(spec_dict), Path(run_dir), progress=False, bar=_QueueBar(), tracking=tracking,
+                      nproc=nproc)
     return {"status": summary.get("status"), "error": summary.get("error")}
 
 
-def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, finished, tracking=None) -> None:
+def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, finished, tracking=None,
+                  nproc: int = 1) -> None:
     """Runs in `jobs` spawned worker processes (fresh interpreters, each reused for several runs). A worker that
     dies (e.g. killed for memory) breaks the pool: the runs then underway are retried one at a time, so that the
     one that kills its worker again is recorded failed and the sweep goes on."""
@@ -109,6 +115,8 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
     steps_queue = ctx.Queue()
     threads = max(1, cpu_count() // jobs)
     gpus = local_gpus(specs)  # [] on CPU: workers are not pinned
+    if nproc > 1 and gpus:  # each worker's run spans nproc GPUs: the worker sees a group of them
+        gpus = [",".join(gpus[i:i + nproc]) for i in range(0, len(gpus) - nproc + 1, nproc)]
     runs_bar = tqdm(total=len(specs), desc=f"runs ({jobs} at a time)", position=0, disable=not progress)
     steps_bar = tqdm(total=sum(s.steps for s in specs), desc="steps", position=1, disable=not progress)
 
@@ -125,14 +133,15 @@ def _run_parallel(specs: list[RunSpec], out: Path, progress: bool, jobs: int, fi
     try:
         todo, cut = list(specs), {}
         while todo:
-            broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done, tracking, gpus)
+            broken = _pool_run(todo, out, ctx, min(jobs, len(todo)), threads, steps_queue, done, tracking, gpus,
+                               nproc)
             for s in broken:
                 cut[s.run_id] = cut.get(s.run_id, 0) + 1
             # suspects: runs underway when the worker died, and any run cut off twice (a death before it started)
             suspects = [s for s in broken if (out / s.run_id / "config.json").is_file() or cut[s.run_id] >= 2]
             todo = [s for s in broken if s not in suspects]
             for spec in suspects:  # alone in a pool of one: a second death is this run's own
-                if _pool_run([spec], out, ctx, 1, threads, steps_queue, done, tracking, gpus):
+                if _pool_run([spec], out, ctx, 1, threads, steps_queue, done, tracking, gpus, nproc):
                     done(spec, _record_crash(spec, out))
     finally:
         steps_queue.put(None)
@@ -154,13 +163,13 @@ def worker_pool(ctx, jobs: int, threads: int, steps_queue, gpus: list[str] | Non
 
 
 def _pool_run(specs, out: Path, ctx, jobs: int, threads: int, steps_queue, done, tracking=None,
-              gpus: list[str] | None = None) -> list[RunSpec]:
+              gpus: list[str] | None = None, nproc: int = 1) -> list[RunSpec]:
     """Run specs in a pool of `jobs` workers (worker_pool); returns the specs cut off by a worker's death (pool
     broken)."""
     broken = []
     pool = worker_pool(ctx, jobs, threads, steps_queue, gpus)
     try:
-        futures = {pool.submit(_run_in_worker, s.to_dict(), str(out / s.run_id), tracking): s for s in specs}
+        futures = {pool.submit(_run_in_worker, s.to_dict(), str(out / s.run_id), tracking, nproc): s for s in specs}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)

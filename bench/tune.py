@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.errors import BenchError
 from bench.io import atomic_write_json, atomic_write_text
 from bench.results import read_summary
-from bench.spec import RunSpec, is_number
+from bench.spec import NOT_IDENTITY, RunSpec, is_number
 
 TUNING_DIR = "tuning"
 DEFAULT_POINTS = 5          # default grid: the run's lr x 10^(-1, -1/2, 0, 1/2, 1)
@@ -127,8 +127,8 @@ def parse_config(options: dict, specs: list[RunSpec]) -> TuneConfig:
 # ---- cells, trials and finals ------------------------------------------------------------------------------------
 
 def cell_key(spec: RunSpec) -> str:
-    """A cell: every setting of a run but its seed, learning rate and tuning record."""
-    d = {k: v for k, v in spec.to_dict().items() if k not in ("seed", "lr", "tuning")}
+    """A cell: every setting of a run but its seed, learning rate and tuning record (and where it runs)."""
+    d = {k: v for k, v in spec.to_dict().items() if k not in ("seed", "lr", "tuning", *NOT_IDENTITY)}
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -290,10 +290,12 @@ def write_selection(rows: list[dict], cfg: TuneConfig, tuning_dir: Path) -> None
     atomic_write_text(tuning_dir / "selection.md", selection_markdown(rows, cfg))
 
 
-def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path, submit=None, tracking=None) -> int:
+def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path, submit=None, tracking=None,
+             nproc: int | None = None) -> int:
     """bench run --tune: trials, selection, final runs (local), or the same in two SLURM arrays through `submit`
     (bench.cli.submit_to_slurm: bench run's own submission, passed in by the command layer). tracking: the sweep's
-    experiment trackers (bench.trackers), for trials and final runs alike."""
+    experiment trackers (bench.trackers), for trials and final runs alike; nproc: processes per run
+    (bench.distributed)."""
     from bench.preflight import check_existing_runs, parse_jobs
     cfg = parse_config(options, specs)
     grouped, trials = plan(specs, cfg)
@@ -309,8 +311,8 @@ def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path, submit=None, 
             return 0
     else:
         from bench.sweep import run_sweep
-        df = run_sweep(trials, tuning_dir, progress=not args.no_progress, jobs=parse_jobs(args.jobs, trials),
-                       tracking=tracking)
+        df = run_sweep(trials, tuning_dir, progress=not args.no_progress, jobs=parse_jobs(args.jobs, trials, nproc),
+                       tracking=tracking, nproc=nproc)
         print(f"trials: {len(df)} runs in {tuning_dir} ({time.perf_counter() - t0:.0f} s)")
     rows = selections(grouped, cfg, tuning_dir)
     write_selection(rows, cfg, tuning_dir)
@@ -331,8 +333,8 @@ def cmd_tune(args, options: dict, specs: list[RunSpec], out: Path, submit=None, 
         code = submit(_with(args, resume=True), finals, out)
         return code or (1 if unselected else 0)
     from bench.sweep import run_sweep
-    df = run_sweep(finals, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, finals),
-                   tracking=tracking)
+    df = run_sweep(finals, out, progress=not args.no_progress, jobs=parse_jobs(args.jobs, finals, nproc),
+                   tracking=tracking, nproc=nproc)
     held = df.attrs.get("held", [])
     if not df.empty:
         df = df[~df.run_id.isin(held)]

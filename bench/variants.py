@@ -11,11 +11,11 @@ import json
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.spec import RunSpec
+from bench.spec import NOT_IDENTITY, RunSpec
 
 IDENTITY_COLUMNS = ["config_digest", "variant"]
-NOT_SETTINGS = ("seed",)                                    # what a configuration's runs differ in
-NOT_CONTEXT = ("seed", "rank", "method", "method_params")   # what a claim's paired runs may differ in
+NOT_SETTINGS = ("seed", *NOT_IDENTITY)                      # what a configuration's runs differ in (and where they ran)
+NOT_CONTEXT = ("seed", "rank", "method", "method_params", *NOT_IDENTITY)  # what a claim's paired runs may differ in
 
 
 def normalized_spec(config) -> dict | None:

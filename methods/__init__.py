@@ -12,7 +12,9 @@
     trainer.add_callback(callback)        a TrainerCallback; it runs before the harness's callbacks in every event,
                                           so the metrics row sees what it added at on_step_end;
 - `params` / `check_params`: the method's parameters with their defaults, and their validation;
-- `check_grpo`: validation of the run's effective TRL settings (e.g. PROMA refuses ratio clipping).
+- `check_grpo`: validation of the run's effective TRL settings (e.g. PROMA refuses ratio clipping);
+- `data_parallel`: what the method computes when a run is N data-parallel processes (`--nproc-per-run`,
+  bench.distributed), where that is not simply the 1-process objective (bench.distributed.DEFAULT_MEANING).
 
 The reference policy of `kl_ref` and of the KL penalty is not a method field: it is always the *initial* policy
 (bench.metrics.InitialPolicy; TRL's reference for LoRA is the initial adapter).
@@ -48,6 +50,9 @@ class Method:
     # method's own grpo_overrides (get_method: keys absent there are undecided) and on a run's full GRPOConfig
     # settings before any training (RunSpec validation; keys absent there take TRL's defaults).
     check_grpo: Callable | None = None
+    # its meaning under N data-parallel processes, where a micro-batch statistic or cross-micro-batch state makes it
+    # differ from the 1-process method ("": bench.distributed.DEFAULT_MEANING)
+    data_parallel: str = ""
 
     def resolved_beta(self, params: dict | None = None) -> float:
         """The KL coefficient: the `beta` method parameter where the method has one, else the fixed field."""
@@ -98,6 +103,8 @@ def _merge(a: Method, b: Method) -> Method:
         va, vb = getattr(a, f.name), getattr(b, f.name)
         if f.name in ("name", "summary", "cite", "family"):
             merged[f.name] = f"{va}+{vb}" if f.name in ("name", "family") else f"{va}; {vb}"
+        elif f.name == "data_parallel":
+            merged[f.name] = "; ".join(x for x in (va, vb) if x)
         elif f.name == "trainer_hooks":
             merged[f.name] = tuple(va) + tuple(vb)
         elif f.name in ("check_params", "check_grpo") and va is not None and vb is not None and va is not vb:

@@ -38,6 +38,9 @@ from methods import Method, register
 from methods.observe import CLIP_FRACTIONS, TokenFraction, trl_metrics
 
 FAMILY = "covariance"
+# under N data-parallel processes (bench.distributed): the selection runs on each process's own micro-batch
+DATA_PARALLEL = ("covariance and token selection over each process's micro-batch (micro_batch / N completions), not "
+                 "over the 1-process micro-batch: k N and r N count that process's tokens")
 CITE = "Cui et al. The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models. arXiv 2505.22617 " \
        "(2025)"
 CLIPPED_SURROGATE = ("grpo", "bnpo", "dr_grpo", "dapo")  # TRL loss types whose per-token term is -min(rho A, clip A)
@@ -182,10 +185,10 @@ register(Method(
     name="kl_cov", family=FAMILY, cite=CITE,
     summary="KL-Cov: unclipped surrogate + |log ratio| penalty on the top 0.2% log-prob x advantage covariance tokens",
     grpo_overrides={"epsilon": NO_CLIPPING}, trainer_hooks=(install_kl_cov,), check_params=check_kl_cov,
-    params={"kl_cov_ratio": 2e-3, "ppo_kl_coef": 1.0}))
+    params={"kl_cov_ratio": 2e-3, "ppo_kl_coef": 1.0}, data_parallel=DATA_PARALLEL))
 
 register(Method(
     name="clip_cov", family=FAMILY, cite=CITE,
     summary="Clip-Cov: gradient cut on a random 0.02% of tokens with covariance in (1, 5)",
     trainer_hooks=(install_clip_cov, trl_metrics(CLIP_FRACTIONS)), check_params=check_clip_cov,
-    params={"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0}))
+    params={"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0}, data_parallel=DATA_PARALLEL))

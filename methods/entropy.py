@@ -57,10 +57,13 @@ register(Method(
     summary="adaptive entropy control (Skywork-OR1): bonus coefficient stepped by 0.005 toward target entropy 0.2",
     grpo_overrides={"use_adaptive_entropy": True, "entropy_coef": 0.0, "entropy_target": 0.2,
                     "entropy_coef_delta": 0.005, "entropy_coef_min": 0.0, "entropy_coef_max": 1.0},
+    data_parallel="TRL steps the coefficient on the entropy averaged over all processes (the same on every rank)",
     trainer_hooks=(trl_metrics({"entropy_coef": "entropy_coef"}),)))
 
 register(Method(
     name="top_entropy", family=FAMILY, cite=TOP_ENTROPY,
     summary="80/20 rule: policy gradient only through the top 20% highest-entropy tokens of each micro-batch",
     grpo_overrides={"top_entropy_quantile": 0.2},
+    data_parallel="TRL's quantile is over the tokens of micro-batch k of every process, gathered: as many completions "
+    "as a 1-process micro-batch holds, a different draw of them",
     trainer_hooks=(count_kept_tokens,)))

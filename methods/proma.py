@@ -419,12 +419,22 @@ def check_params(params: dict) -> None:
         raise BenchError(f"bad output_grads {params['output_grads']!r}: valid: loss, logprob")
 
 
+# Under N data-parallel processes (bench.distributed): DDP accumulates each process's micro-batch gradients locally
+# and all-reduces the sum once, after the step's last micro-batch; the projection runs in the backward pass, before
+# that all-reduce, so each process projects its own running sum off its own micro-batches (micro_batch / N
+# sequences each) and the all-reduce averages the projected sums. The intra variant is per micro-batch: data-parallel
+# by construction (the paper), over each process's micro-batch.
+PROMA_DATA_PARALLEL = ("projected per process before the all-reduce: each process's running gradient off its own "
+                       "micro-batches (micro_batch / N sequences); DDP averages the projected sums; "
+                       "proma_removed_frac is rank 0's")
+INTRA_DATA_PARALLEL = ("per micro-batch, data-parallel by construction (the paper): subspaces of each process's "
+                       "micro-batch (micro_batch / N sequences); proma_removed_frac is rank 0's")
 NO_CLIPPING = {"epsilon": NO_CLIP}  # the author's "pure" runs: clip ratios 1e9 (epsilon_high follows epsilon)
 
 register(Method(
     name="proma", family="PROMA", summary="PROMA: running gradient projected off each micro-batch's sequence gradients "
     "(no KL, no clipping)", cite=CITE, beta=0.0, grpo_overrides=NO_CLIPPING, trainer_hooks=(install_proma,),
-    check_params=check_params, check_grpo=check_grpo,
+    check_params=check_params, check_grpo=check_grpo, data_parallel=PROMA_DATA_PARALLEL,
     params={"mode": "approx", "sweeps": 2, "ridge": 1e-2, "cap": 0.5, "shrinkage": 1.0}))
 register(Method(
     name="proma_intra", family="PROMA",
@@ -432,6 +442,7 @@ register(Method(
     "output-gradient subspaces (reconstructed; no KL, no clipping)", cite=CITE, beta=0.0,
     grpo_overrides=NO_CLIPPING, trainer_hooks=(install_proma_intra,), check_params=check_params,
     check_grpo=check_grpo,  # the same premise (no KL, no clipping); output_grads="logprob" also needs exactness
+    data_parallel=INTRA_DATA_PARALLEL,
     params={"k": 100, "power_iters": 1, "oversample": 8, "shrinkage": 1.0, "output_grads": "loss"}))
 register(Method(
     name="unclipped_lora", family="KL-free LoRA",

@@ -114,16 +114,19 @@ def pissa_initializer(params: dict) -> str:
     return "pissa" if params["svd"] == "exact" else f"pissa_niter_{params['niter']}"
 
 
+# under N data-parallel processes (bench.distributed; tested in tests/test_distributed.py)
+DATA_PARALLEL = ("every process computes the initialization from the same weights and seed; DDP's wrap then "
+                 "broadcasts rank 0's adapter and residual base weights, so all train rank 0's initialization")
 GEORA = "Zhang et al. GeoRA: Geometry-Aware Low-Rank Adaptation for RLVR. ACL 2026 (arXiv 2601.09361)"
 register(Method(name="geora", family=FAMILY,
                 summary="GeoRA: adapters from the top-r SVD of the geometry-masked weight; "
                 "residual frozen (rho 0.2)", cite=GEORA, adapter_init=geora_init, check_params=check_params,
-                params={"rho": 0.2, "svd": "auto", "niter": 4}))
+                params={"rho": 0.2, "svd": "auto", "niter": 4}, data_parallel=DATA_PARALLEL))
 register(Method(name="pissa", family=FAMILY,
                 summary="PiSSA: adapters from the top-r SVD of W (PEFT's initializer); residual frozen",
                 cite="Meng et al. PiSSA. NeurIPS 2024 (arXiv 2404.02948)", init_lora_weights=pissa_initializer,
-                check_params=check_params, params={"svd": "exact", "niter": 4}))
+                check_params=check_params, params={"svd": "exact", "niter": 4}, data_parallel=DATA_PARALLEL))
 register(Method(name="milora", family=FAMILY,
                 summary="MiLoRA: adapters from the minor r singular triplets of W; principal "
                 "part frozen", cite="Wang et al. MiLoRA. NAACL 2025 (arXiv 2406.09044)",
-                adapter_init=milora_init))
+                adapter_init=milora_init, data_parallel=DATA_PARALLEL))

@@ -18,10 +18,10 @@ OLD_DEFAULTS = {"methods": "all", "ranks": "4,16,64", "seeds": "0", "task": "syn
                 "device": "auto", "task_param": {}, "set": {}, "method_param": {}, "final_eval": None}
 NOT_SETTABLE = {"method", "rank", "seed", "task", "task_params", "model", "device", "method_params",
                 "tuning"}  # tuning: written by bench run --tune only
-# declared since: --lora-scaling (a sweep axis, bench.scaling), --report-to (bench.trackers) and the --tune options
-# (bench.tune)
-ADDED = {"lora_scaling": None, "report_to": None, "lr_grid": None, "tune_steps": None, "tune_seeds": None,
-         "tune_metric": None}
+# declared since: --lora-scaling (a sweep axis, bench.scaling), --report-to (bench.trackers), --nproc-per-run
+# (bench.distributed) and the --tune options (bench.tune)
+ADDED = {"lora_scaling": None, "report_to": None, "nproc_per_run": None, "lr_grid": None, "tune_steps": None,
+         "tune_seeds": None, "tune_metric": None}
 
 
 def run_parser() -> argparse.ArgumentParser:

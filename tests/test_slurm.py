@@ -126,6 +126,20 @@ def test_four_task_array_matches_local_runs_and_status(tmp_path, tiny):
 
 
 @needs_slurm
+def test_a_two_process_run_launches_inside_its_array_task(tmp_path, tiny):
+    """--nproc-per-run 2: the array task starts the run's processes itself (bench.distributed, torchrun over gloo
+    here; one per GPU on a GPU partition), and rank 0 writes the run's files."""
+    out = tmp_path / "sweep"
+    r = bench("run", "--executor", "slurm", "--profile", "local", "--methods", "kl_free_lora", "--ranks", "4",
+              "--nproc-per-run", "2", *TINY, "--out", str(out), "--wait", "--wait-timeout", "600", "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = read_json(out / "kl_free_lora_r4_s0" / "summary.json")
+    assert summary["status"] == "ok" and summary["world_size"] == 2, summary
+    assert read_json(out / "kl_free_lora_r4_s0" / "config.json")["machine"]["world_size"] == 2
+    assert [row["step"] for row in read_jsonl(out / "kl_free_lora_r4_s0" / "metrics.jsonl")] == [0, 1, 2]
+
+
+@needs_slurm
 def test_cancelled_task_shows_failed_and_resume_submits_only_it(tmp_path, tiny):
     out = tmp_path / "sweep"
     args = ["run", "--executor", "slurm", "--profile", "local", "--array-parallelism", "1",

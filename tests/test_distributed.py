@@ -1,0 +1,268 @@
+"""Multi-process runs (bench.distributed): 2 processes over gloo on CPU, on the embedded model.
+
+- a 2-process run completes through the harness, rank 0 alone writes whole files, and world size is recorded;
+- with the rollouts fixed (tests/_ddp_fixed.py: the same completions whatever the process layout, one optimizer step
+  per generation batch) the 2-process run matches the 1-process run with the same global batch, step by step;
+- DDP's wrap gives every rank rank 0's weights, the frozen residual base weights of an SVD init included;
+- a failing process makes the run `failed` and the sweep goes on;
+- refusals are one line and exit code 2.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench import distributed, engine
+from bench.io import read_json, read_jsonl
+from bench.runner import run_one
+from bench.spec import RunSpec
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+@pytest.fixture
+def worker_env(monkeypatch):
+    """The ranks import bench from this checkout and the helper scripts from tests/."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("BENCH_EVAL_MEMO", "0")
+
+
+def spec(**kw) -> RunSpec:
+    base = dict(method="kl_free_lora", rank=4, steps=4, eval_size=10, probe_every=1, checkpoint_every=2)
+    return RunSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", ["kl_free_lora", "proma", "geora"])
+def test_two_process_run_completes_and_rank0_writes_whole_files(tmp_path, tiny, worker_env, method):
+    s = spec(method=method)
+    summary = run_one(s, tmp_path / s.run_id, progress=False, nproc=2)
+    run_dir = tmp_path / s.run_id
+    assert summary["status"] == "ok", summary
+    assert summary["world_size"] == 2 and read_json(run_dir / "summary.json") == summary
+    rows = read_jsonl(run_dir / "metrics.jsonl")  # every line parses
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows[1:])
+    assert [r["step"] for r in rows if r.get("reward") is not None] == [1, 3]  # where TRL generates, as 1 process
+    assert all("kl_ref" in r for r in rows)
+    config = read_json(run_dir / "config.json")
+    assert config["machine"]["world_size"] == 2
+    assert len(read_jsonl(run_dir / "eval_final.jsonl")) == 10 == summary["eval_n"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # nothing left of the launch, no rank's error, no temporary file
+    leftovers = {p.name for p in run_dir.iterdir()} - {"config.json", "metrics.jsonl", "summary.json", "adapter",
+                                                        "eval_base.jsonl", "eval_final.jsonl", ".lock", "run.log",
+                                                        "adapter_init"}
+    assert not leftovers, leftovers
+
+
+def test_a_two_process_run_reports_to_tensorboard_from_rank_0_only(tmp_path, tiny, worker_env):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bench.trackers import make_tracking
+    s = spec(steps=2)
+    summary = run_one(s, tmp_path / s.run_id, progress=False, nproc=2, tracking=make_tracking("tensorboard", tmp_path))
+    assert summary["status"] == "ok", summary
+    events = list((tmp_path / s.run_id).rglob("events.out.tfevents*"))
+    assert len(events) == 1, events  # one writer: rank 0
+    ea = EventAccumulator(str(events[0]))
+    ea.Reload()
+    assert {"train/bench/kl_ref", "train/bench/kl_step"} <= set(ea.Tags()["scalars"])
+
+
+# What differs between the two runs is the order of float sums (the gradient all-reduce averages two half-batch sums;
+# each process left-pads its prompts to its own longest, which shifts rotary positions by a constant). Measured on a
+# 2-core CPU (torch 2.13, float32), 4 steps: loss, reward, reward_std and completion_length identical; grad_norm
+# within 1.8e-7 relative; kl_ref within 2.6e-5 relative (2e-9 absolute); entropy_probe within 6.3e-8 relative; the
+# trained adapter within 9.7e-7 absolute (weights up to 0.09; one Adam step moves a weight by up to lr = 1e-3).
+# kl_step is not compared: it is measured on the step's first micro-batch, rank 0's alone (8 vs 4 rollouts).
+RTOL, ATOL = 1e-4, 1e-9      # metrics
+WEIGHTS_ATOL = 1e-5          # adapter weights: 1% of one Adam step
+
+
+def test_two_processes_match_one_process_with_fixed_rollouts(tmp_path, tiny, worker_env, monkeypatch):
+    import _ddp_fixed
+    # 16 completions per generation batch and per optimizer step (2 micro-batches of 8, or 2 x 2 of 4)
+    s = spec(micro_batch=8, grad_accum=2, num_generations=4, max_completion_length=32)
+    with monkeypatch.context() as m:  # the same patches as the ranks apply (tests/_ddp_fixed.py)
+        m.setattr(engine, "grpo_settings", engine.grpo_settings)
+        m.setattr(engine, "BenchGRPOTrainer", engine.BenchGRPOTrainer)
+        _ddp_fixed.apply()
+        one = run_one(s, tmp_path / "one" / s.run_id, progress=False)
+    monkeypatch.setattr(distributed, "WORKER", [str(HERE / "_ddp_fixed.py")])
+    two = run_one(s, tmp_path / "two" / s.run_id, progress=False, nproc=2)
+    assert one["status"] == two["status"] == "ok", (one, two)
+    rows1 = read_jsonl(tmp_path / "one" / s.run_id / "metrics.jsonl")
+    rows2 = read_jsonl(tmp_path / "two" / s.run_id / "metrics.jsonl")
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [0, 1, 2, 3, 4]
+    compared = ("loss", "reward", "reward_std", "grad_norm", "completion_length", "frac_reward_zero_std", "kl_ref",
+                "kl_ref_k3", "entropy_probe")
+    for r1, r2 in zip(rows1, rows2):
+        for key in compared:
+            if key in r1 or key in r2:
+                assert r2[key] == pytest.approx(r1[key], rel=RTOL, abs=ATOL), (r1["step"], key, r1[key], r2[key])
+    # a real signal: a gradient, rewards that vary (GRPO's loss itself is ~0 on-policy: advantages are zero-mean)
+    assert any(r["grad_norm"] > 0 for r in rows1[1:]) and any(r["reward_std"] > 0 for r in rows1[1:])
+    assert rows1[-1]["kl_ref"] > 0  # the policy moved
+    w1 = load_file(tmp_path / "one" / s.run_id / "adapter" / "adapter_model.safetensors")
+    w2 = load_file(tmp_path / "two" / s.run_id / "adapter" / "adapter_model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHTS_ATOL)
+    assert one["accuracy"] == two["accuracy"]
+
+
+@pytest.mark.parametrize("method", ["geora", "pissa"])
+def test_ddp_wrap_broadcasts_trainable_and_frozen_residual_weights(tmp_path, tiny, worker_env, method):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(HERE / "_ddp_broadcast.py"), method, str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)
+             if (tmp_path / f"rank{i}.json").is_file()]
+    assert r.returncode == 0 and len(lines) == 2, r.stdout + r.stderr[-3000:]
+    for line in lines:
+        assert line["frozen_residual"] > 0 and line["trainable"] > 0
+        assert line["differ_before"] == line["tensors"]  # rank 1 had other weights, trainable and frozen
+        assert line["differ_after"] == []                # and rank 0's after the wrap
+
+
+def test_a_failing_process_fails_its_run_and_the_sweep_goes_on(tmp_path, tiny, worker_env, monkeypatch):
+    from bench.sweep import run_sweep
+    monkeypatch.setattr(distributed, "WORKER", [str(HERE / "_ddp_fixed.py")])
+    monkeypatch.setenv("BENCH_TEST_FIXED", "0")
+    monkeypatch.setenv("BENCH_TEST_FAIL", "1:2")  # rank 1 raises at step 2 of every run
+    specs = [spec(steps=3, checkpoint_every=1), spec(method="kl_grpo", steps=1)]
+    df = run_sweep(specs, tmp_path, progress=False, nproc=2)
+    status = dict(zip(df.run_id, df.status))
+    assert status == {specs[0].run_id: "failed", specs[1].run_id: "ok"}, df
+    failed = read_json(tmp_path / specs[0].run_id / "summary.json")
+    assert "rank1" in failed["error"] and "injected failure on rank 1 at step 2" in failed["error"], failed
+    rows = read_jsonl(tmp_path / specs[0].run_id / "metrics.jsonl")  # whole: the rows up to the failure
+    assert [r["step"] for r in rows][:2] == [0, 1]
+    assert failed["world_size"] == 2
+
+
+STRIP = ("step_seconds", "time_generation", "time_reference", "time_policy", "time_other", "time_metrics")
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in STRIP} for r in rows]
+
+
+@pytest.mark.parametrize("asked", [0, 1])
+def test_a_stop_request_on_one_rank_stops_all_at_a_boundary_and_resumes_identically(tmp_path, tiny, worker_env,
+                                                                                      monkeypatch, asked):
+    """Preemption (SLURM's USR2, bench.runner.request_stop) reaching one rank only: every rank stops at the same
+    generation-batch boundary with a checkpoint; re-running resumes to the metrics of the uninterrupted run."""
+    monkeypatch.setattr(distributed, "WORKER", [str(HERE / "_ddp_fixed.py")])
+    monkeypatch.setenv("BENCH_TEST_FIXED", "0")
+    s = spec(steps=6, checkpoint_every=100)
+    monkeypatch.setenv("BENCH_TEST_STOP", f"{asked}:3")
+    cut = run_one(s, tmp_path / "cut", progress=False, nproc=2)
+    assert cut["status"] == "preempted" and "step 4" in cut["error"], cut
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-4").is_dir()
+    monkeypatch.delenv("BENCH_TEST_STOP")
+    resumed = run_one(s, tmp_path / "cut", progress=False, nproc=2)
+    assert resumed["status"] == "ok" and resumed["resumed_from"] == "checkpoint-4", resumed
+    whole = run_one(s, tmp_path / "whole", progress=False, nproc=2)
+    assert _strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == _strip(read_jsonl(tmp_path / "whole" /
+                                                                                       "metrics.jsonl"))
+    assert resumed["accuracy"] == whole["accuracy"]
+
+
+# ---- the fast tier: settings and refusals without starting processes ---------------------------------------------
+
+def test_each_process_takes_its_share_of_the_micro_batch_and_the_global_batch_is_unchanged(monkeypatch):
+    from methods import get_method
+    s, method = spec(micro_batch=16, grad_accum=2), get_method("kl_free_lora")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = engine.grpo_settings(s, method)
+    assert one["per_device_train_batch_size"] == 16 and not {k for k in one if k.startswith("ddp_")}
+    for n in (2, 4):
+        monkeypatch.setenv("WORLD_SIZE", str(n))
+        many = engine.grpo_settings(s, method)
+        assert many["per_device_train_batch_size"] == 16 // n
+        # TRL 1.16 (grpo_config.py): generation_batch_size = per_device_train_batch_size x num_processes x
+        # steps_per_generation; completions per optimizer step = per_device x num_processes x grad_accum
+        assert many["per_device_train_batch_size"] * n * many["steps_per_generation"] == \
+            one["per_device_train_batch_size"] * one["steps_per_generation"]
+        assert many["gradient_accumulation_steps"] == one["gradient_accumulation_steps"]
+        assert many["ddp_backend"] == "gloo" and many["ddp_timeout"] >= 3600
+        assert {k: v for k, v in many.items() if k != "per_device_train_batch_size" and not k.startswith("ddp_")} \
+            == {k: v for k, v in one.items() if k != "per_device_train_batch_size"}
+
+
+def test_nproc_checks():
+    from bench.errors import BenchError
+    assert distributed.parse_nproc(None) == 1 and distributed.parse_nproc("4") == 4
+    for bad in ("0", "-1", "x", "1.5"):
+        with pytest.raises(BenchError, match="bad --nproc-per-run"):
+            distributed.parse_nproc(bad)
+    distributed.check_nproc([spec(micro_batch=16)], 4)
+    with pytest.raises(BenchError, match="micro_batch 16 is not divisible by 3"):
+        distributed.check_nproc([spec(micro_batch=16)], 3)
+    with pytest.raises(BenchError, match="device cuda:1 names one GPU"):
+        distributed.check_nproc([spec(device="cuda:1")], 2, local=False)
+
+
+def test_slurm_processes_per_task_follow_the_training_gpus():
+    from bench import slurm
+    from bench.errors import BenchError
+    specs = [spec()]
+    assert slurm.task_nproc({"gpus_per_node": 4}, None, specs) == 4
+    assert slurm.task_nproc({"gpus_per_node": 5, "vllm_server_gpus": 1}, None, specs) == 4
+    assert slurm.task_nproc({"gpus_per_node": 4, "vllm_server_gpus": 1}, 2, specs) == 2
+    assert slurm.task_nproc({}, None, specs) == 1 and slurm.task_nproc({}, 2, specs) == 2  # CPU tasks
+    with pytest.raises(BenchError, match="micro_batch 16 is not divisible by 3"):  # 3 training GPUs by default
+        slurm.task_nproc({"gpus_per_node": 4, "vllm_server_gpus": 1}, None, specs)
+    with pytest.raises(BenchError, match="each task 1 training GPU"):
+        slurm.task_nproc({"gpus_per_node": 2, "vllm_server_gpus": 1}, 2, specs)
+    with pytest.raises(BenchError, match="leaves no GPU"):
+        slurm.task_nproc({"gpus_per_node": 1, "vllm_server_gpus": 1}, None, specs)
+    profile = slurm.load_profile("vllm-server-example")
+    assert slurm.task_nproc(profile, None, specs) == 1
+    assert "vllm_server_gpus" not in str(slurm.executor_parameters(profile))  # not an sbatch option
+
+
+def test_vllm_server_address_is_checked_and_not_part_of_the_key():
+    from bench.errors import BenchError
+    a, b = spec(), spec(vllm_server="gpu-node-3:8001")
+    assert a.key() == b.key() and b.vllm_server_address == ("gpu-node-3", 8001)
+    assert spec(vllm_server="[::1]:8000").vllm_server_address == ("::1", 8000)
+    for bad in ("localhost", "host:0", "host:99999", ":8000", 8000):
+        with pytest.raises(BenchError, match="bad vllm_server"):
+            spec(vllm_server=bad)
+
+
+def bench(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.mark.slow  # starts the CLI in a subprocess
+@pytest.mark.parametrize("args,fragments", [
+    (["--nproc-per-run", "3"], ["--nproc-per-run 3: micro_batch 16 is not divisible by 3"]),
+    (["--nproc-per-run", "0"], ["bad --nproc-per-run '0'"]),
+    (["--nproc-per-run", "two"], ["bad --nproc-per-run 'two'"]),
+    (["--nproc-per-run", "2", "--set", "micro_batch=3", "--set", "num_generations=3"],
+     ["micro_batch 3 is not divisible by 2"]),
+    (["--set", "vllm_mode=server"], ["vllm_mode server", "vLLM is not installed"]),
+    (["--set", "vllm_mode=remote"], ["bad vllm_mode 'remote'"]),
+])
+def test_refusals_are_one_line(tmp_path, args, fragments):
+    r = bench("run", "--methods", "kl_free_lora", "--ranks", "4", "--steps", "1", "--out", str(tmp_path / "out"),
+              *args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
