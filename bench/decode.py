@@ -3,14 +3,26 @@ eval and by rollout sampling in place of transformers' `generate`.
 
 Why: the embedded model (0.85M parameters) spends most of a `generate` step in Python and dispatch overhead (nested
 modules, PEFT wrappers, mask building, a growing DynamicCache), not in arithmetic. The prompt goes through the model's
-own forward (transformers' prefill, its cache); each later token runs the same layers' own modules (norms, rotary
-embedding, MLP activation, linear weights) on a preallocated key/value buffer, with:
+own forward (transformers' prefill, its cache); each later token runs the same arithmetic as the layers' modules on a
+preallocated key/value buffer (one tensor for all layers), with fewer kernels and less Python per step:
 - the attention of transformers' eager path (`eager_attention_forward`: q k^T * scale + additive mask, fp32 softmax,
   times v), grouped-query heads read in place rather than repeated (`repeat_kv` copies the whole cache per layer);
+  the additive mask is kept across steps (one column set per step), not rebuilt;
 - a LoRA layer whose adapters are off (folded into its base weight by bench.generation.merged_adapters) read as its
-  base linear; an active adapter runs through PEFT's own module;
-- rows that finished (EOS) leave the batch: no compute on them;
+  base linear, and the q/k/v projections (and the MLP's gate/up) as one matmul over their concatenated weights,
+  built once per decoder (each output column is the same dot product as in its own matmul: on the CPU tested the
+  floats are identical); an active adapter, or any projection that is not a plain linear, runs through its module;
+- transformers' RMSNorm arithmetic inline (Qwen3's per-head query and key norms in one pass) and rotary cos/sin read
+  from a table of all positions computed once by the model's rotary module (default rope type; other types call the
+  module every step); norms of other classes run through their modules;
+- rows that finished (EOS) leave the batch: no compute on them (the cache is copied up to the current length only);
 - a prompt repeated in the batch (GRPO's num_generations copies) goes through the prompt pass once.
+Where the step's time goes (64 rows, tiny model, one thread; bench.perf / a torch.profiler run): the linear layers'
+matmuls (compute-bound), the attention's small batched matmuls (bound by reading the cache), and the sampling's
+exponential draws (`torch.multinomial`, the same in `generate`), together about 70%; the rest is elementwise kernels
+and dispatch. torch.compile of the step was measured and is not used: compiling took 3-10 s (about a run's whole
+generation time on this model) and the compiled step was not faster (its matmuls stay library calls), with floats that
+differ from eager in the last bits.
 The floats of a step can differ from `generate`'s in the last bits (matmul shapes: fewer rows, grouped heads), so a
 token can differ only where two candidates nearly tie; tests/test_decode.py checks logits and tokens against
 transformers. Unsupported architectures or settings fall back to transformers (`unsupported`).
