@@ -3,14 +3,26 @@ eval and by rollout sampling in place of transformers' `generate`.
 
 Why: the embedded model (0.85M parameters) spends most of a `generate` step in Python and dispatch overhead (nested
 modules, PEFT wrappers, mask building, a growing DynamicCache), not in arithmetic. The prompt goes through the model's
-own forward (transformers' prefill, its cache); each later token runs the same layers' own modules (norms, rotary
-embedding, MLP activation, linear weights) on a preallocated key/value buffer, with:
+own forward (transformers' prefill, its cache); each later token runs the same arithmetic as the layers' modules on a
+preallocated key/value buffer (one tensor for all layers), with fewer kernels and less Python per step:
 - the attention of transformers' eager path (`eager_attention_forward`: q k^T * scale + additive mask, fp32 softmax,
   times v), grouped-query heads read in place rather than repeated (`repeat_kv` copies the whole cache per layer);
+  the additive mask is kept across steps (one column set per step), not rebuilt;
 - a LoRA layer whose adapters are off (folded into its base weight by bench.generation.merged_adapters) read as its
-  base linear; an active adapter runs through PEFT's own module;
-- rows that finished (EOS) leave the batch: no compute on them;
+  base linear, and the q/k/v projections (and the MLP's gate/up) as one matmul over their concatenated weights,
+  built once per decoder (each output column is the same dot product as in its own matmul: on the CPU tested the
+  floats are identical); an active adapter, or any projection that is not a plain linear, runs through its module;
+- transformers' RMSNorm arithmetic inline (Qwen3's per-head query and key norms in one pass) and rotary cos/sin read
+  from a table of all positions computed once by the model's rotary module (default rope type; other types call the
+  module every step); norms of other classes run through their modules;
+- rows that finished (EOS) leave the batch: no compute on them (the cache is copied up to the current length only);
 - a prompt repeated in the batch (GRPO's num_generations copies) goes through the prompt pass once.
+Where the step's time goes (64 rows, tiny model, one thread; bench.perf / a torch.profiler run): the linear layers'
+matmuls (compute-bound), the attention's small batched matmuls (bound by reading the cache), and the sampling's
+exponential draws (`torch.multinomial`, the same in `generate`), together about 70%; the rest is elementwise kernels
+and dispatch. torch.compile of the step was measured and is not used: compiling took 3-10 s (about a run's whole
+generation time on this model) and the compiled step was not faster (its matmuls stay library calls), with floats that
+differ from eager in the last bits.
 The floats of a step can differ from `generate`'s in the last bits (matmul shapes: fewer rows, grouped heads), so a
 token can differ only where two candidates nearly tie; tests/test_decode.py checks logits and tokens against
 transformers. Unsupported architectures or settings fall back to transformers (`unsupported`).
@@ -21,8 +33,6 @@ a row does not depend on the other rows' probabilities: torch samples one token 
 drawn for the whole [batch, vocab] tensor). Its logits warpers are transformers' own classes, in `generate`'s order.
 """
 from __future__ import annotations
-
-import sys
 
 import torch
 
@@ -73,43 +83,106 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _linear(module):
-    """The module's forward as one callable: a PEFT LoRA layer whose adapters are off acts as its base layer."""
+# transformers' RMSNorm classes of the supported models; their forward is the same arithmetic (transformers 5.24):
+# x32 = x.float(); x32 * rsqrt(mean(x32^2) + eps); weight * x32.to(x.dtype)
+_RMS_NORMS = ("Qwen3RMSNorm", "Qwen2RMSNorm", "LlamaRMSNorm")
+
+
+def _plain(module):
+    """(weight, bias) of a module that acts as a plain linear layer (a PEFT LoRA layer with its adapters off reads as
+    its base layer), else None."""
     from peft.tuners.lora import LoraLayer
     if isinstance(module, LoraLayer) and module.disable_adapters and not module.merged:
         module = module.get_base_layer()
-    if type(module) is torch.nn.Linear:
-        weight, bias = module.weight, module.bias
+    return (module.weight, module.bias) if type(module) is torch.nn.Linear else None
+
+
+def _linear(*modules):
+    """One callable for projections of the same input, their outputs concatenated on the last dim: one matmul over
+    the concatenated weights (copied once per decoder) where all act as plain linears (each output column is the
+    same dot product as in its own matmul), else each module's own forward (an active adapter runs through PEFT)."""
+    plain = [_plain(m) for m in modules]
+    if all(p is not None for p in plain):
+        weight = torch.cat([w for w, _ in plain]) if len(plain) > 1 else plain[0][0]
+        bias = None
+        if any(b is not None for _, b in plain):
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in plain])
         return lambda x: torch.nn.functional.linear(x, weight, bias)
+    if len(modules) == 1:
+        return modules[0]
+    return lambda x: torch.cat([m(x) for m in modules], -1)
+
+
+def _inline_norm(module) -> bool:
+    return type(module).__name__ in _RMS_NORMS and hasattr(module, "variance_epsilon")
+
+
+def _rms(x, weight, eps):
+    """transformers' RMSNorm forward (the classes in _RMS_NORMS), inline: the same operations in the same order."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _norm(module):
+    if _inline_norm(module):
+        weight, eps = module.weight, module.variance_epsilon
+        return lambda x: _rms(x, weight, eps)
     return module
 
 
+def _head_norms(q_norm, k_norm, q_heads: int, kv_heads: int):
+    """Qwen3's per-head RMSNorms of queries and keys, applied to [rows, q_heads + kv_heads, head_dim]: one pass
+    with each head's weight stacked where both are transformers' RMSNorm (elementwise the same arithmetic), else
+    each module on its slice. None where the model has none (Llama, Qwen2)."""
+    if q_norm is None:
+        return None
+    if _inline_norm(q_norm) and _inline_norm(k_norm) and q_norm.variance_epsilon == k_norm.variance_epsilon:
+        d = q_norm.weight.shape[-1]
+        weight = torch.cat([q_norm.weight.expand(q_heads, d), k_norm.weight.expand(kv_heads, d)])
+        eps = q_norm.variance_epsilon
+        return lambda x: _rms(x, weight, eps)
+    return lambda x: torch.cat([q_norm(x[:, :q_heads]), k_norm(x[:, q_heads:])], 1)
+
+
+def _rotate_half(x):
+    """transformers' rotate_half (the supported models share it)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 class KVDecoder:
-    """One batch of left-padded prompts: `prefill` then one `step` per token; `keep` drops finished rows."""
+    """One batch of left-padded prompts: `prefill` then one `step` per token; `keep` selects rows of the batch."""
 
     def __init__(self, model):
         lm = _causal_lm(model)
         self.config, self.backbone = lm.config, lm.model
         self.lm = lm
-        self.embed, self.norm, self.head = self.backbone.embed_tokens, self.backbone.norm, _linear(lm.lm_head)
+        self.embed, self.norm, self.head = self.backbone.embed_tokens, _norm(self.backbone.norm), _linear(lm.lm_head)
         self.rotary = self.backbone.rotary_emb
-        self.apply_rotary = sys.modules[type(self.backbone.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        # a table of every position's cos/sin, computed once, where the rotary embedding is a pure function of the
+        # position (rope type default: position * inv_freq, elementwise; others may rescale with the sequence length)
+        self.rotary_table = getattr(self.rotary, "rope_type", None) == "default"
+        self.kv_heads = self.config.num_key_value_heads
+        self.heads = self.config.num_attention_heads
+        self.groups = self.heads // self.kv_heads
         self.layers = []
         for layer in self.backbone.layers[:self.config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(dict(
-                norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
-                q=_linear(attn.q_proj), k=_linear(attn.k_proj), v=_linear(attn.v_proj), o=_linear(attn.o_proj),
-                q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-                gate=_linear(mlp.gate_proj), up=_linear(mlp.up_proj), down=_linear(mlp.down_proj), act=mlp.act_fn,
+                norm1=_norm(layer.input_layernorm), norm2=_norm(layer.post_attention_layernorm),
+                qkv=_linear(attn.q_proj, attn.k_proj, attn.v_proj), o=_linear(attn.o_proj),
+                qk_norm=_head_norms(getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), self.heads,
+                                    self.kv_heads),
+                gate_up=_linear(mlp.gate_proj, mlp.up_proj), down=_linear(mlp.down_proj), act=mlp.act_fn,
                 head_dim=attn.head_dim, scaling=attn.scaling))
-        self.kv_heads = self.config.num_key_value_heads
-        self.groups = self.config.num_attention_heads // self.kv_heads
+        self.head_dim, self.intermediate = self.layers[0]["head_dim"], self.config.intermediate_size
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """The prompts through the model's own forward (as `generate` runs it: position ids from the mask, a dynamic
-        cache); its keys and values copied into buffers with room for max_new_tokens. The last position's logits."""
+        cache); its keys and values copied into one buffer with room for max_new_tokens. The last position's
+        logits."""
         from transformers import DynamicCache
         batch, width = input_ids.shape
         positions = (attention_mask.long().cumsum(1) - 1).masked_fill(attention_mask == 0, 1)
@@ -117,60 +190,63 @@ class KVDecoder:
         logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=1).logits[:, -1]
         self.length, total = width, width + max_new_tokens
-        self.mask = attention_mask.new_zeros(batch, total, dtype=torch.bool)
-        self.mask[:, :width] = attention_mask.bool()
-        self.keys, self.values = [], []
+        k = cache.layers[0].keys
+        # transformers' eager mask: 0 where attended, the dtype's minimum where not, added to the scores
+        self.additive = torch.full((batch, total), torch.finfo(k.dtype).min, dtype=k.dtype, device=k.device)
+        self.additive[:, :width].masked_fill_(attention_mask.bool(), 0.0)
+        self.positions = attention_mask.long().sum(1)  # the next token's: the count of real tokens before it
+        # all layers' keys and values in one tensor [layer, key/value, row, kv head, position, head dim]: selecting
+        # rows (`keep`) is one copy
+        self.cache = k.new_empty(len(self.layers), 2, batch, k.shape[1], total, k.shape[3])
         for i in range(len(self.layers)):
-            k, v = cache.layers[i].keys, cache.layers[i].values
-            kb = k.new_empty(batch, k.shape[1], total, k.shape[3])
-            vb = v.new_empty(batch, v.shape[1], total, v.shape[3])
-            kb[:, :, :width], vb[:, :, :width] = k, v
-            self.keys.append(kb)
-            self.values.append(vb)
+            self.cache[i, 0, :, :, :width] = cache.layers[i].keys
+            self.cache[i, 1, :, :, :width] = cache.layers[i].values
+        if self.rotary_table:
+            cos, sin = self.rotary(k, torch.arange(total, device=k.device)[None])
+            self.cos, self.sin = cos[0], sin[0]
         return logits
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Only these rows (indices into the current batch, repeats allowed) decode on."""
-        self.mask = self.mask[rows]
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
+        """Only these rows (indices into the current batch, repeats allowed) decode on; the cache is copied up to the
+        current length only."""
+        t = self.length
+        cache = self.cache.new_empty(self.cache.shape[:2] + (len(rows),) + self.cache.shape[3:])
+        cache[..., :t, :] = self.cache[..., :t, :].index_select(2, rows)
+        self.cache = cache
+        self.additive = self.additive[rows]
+        self.positions = self.positions[rows]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row; the next-token logits [rows, vocab]."""
         t = self.length
-        self.mask[:, t] = True
+        self.additive[:, t] = 0.0
         self.length = t + 1
-        mask = self.mask[:, :t + 1]
-        positions = mask.sum(1, keepdim=True) - 1  # as `generate`: the count of real tokens before this one
-        hidden = self.embed(tokens[:, None])
-        cos, sin = self.rotary(hidden, positions)
-        # transformers' eager mask: 0 where attended, the dtype's minimum where not, added to the scores
-        additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(
-            ~mask, torch.finfo(hidden.dtype).min)[:, None, None, :]
-        rows = tokens.shape[0]
+        additive = self.additive[:, None, None, :t + 1]
+        positions = self.positions
+        self.positions = positions + 1
+        hidden = self.embed(tokens)
+        if self.rotary_table:
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        else:
+            cos, sin = self.rotary(hidden, positions[:, None])
+        rows, h, kv, d = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         for i, p in enumerate(self.layers):
-            residual = hidden
-            x = p["norm1"](hidden)
-            d = p["head_dim"]
-            q = p["q"](x).view(rows, 1, -1, d)
-            k = p["k"](x).view(rows, 1, -1, d)
-            v = p["v"](x).view(rows, 1, -1, d)
-            if p["q_norm"] is not None:
-                q, k = p["q_norm"](q), p["k_norm"](k)
-            q, k = self.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            self.keys[i][:, :, t] = k[:, :, 0]
-            self.values[i][:, :, t] = v[:, 0]
-            keys, values = self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1]
-            q = q.reshape(rows, self.kv_heads, self.groups, d)  # head h = kv_head * groups + g, as repeat_kv
+            qkv = p["qkv"](p["norm1"](hidden)).view(rows, h + 2 * kv, d)
+            qk, v = qkv[:, :h + kv], qkv[:, h + kv:]
+            if p["qk_norm"] is not None:
+                qk = p["qk_norm"](qk)
+            qk = qk * cos + _rotate_half(qk) * sin  # transformers' apply_rotary_pos_emb, queries and keys at once
+            self.cache[i, 0, :, :, t] = qk[:, h:]
+            self.cache[i, 1, :, :, t] = v
+            keys, values = self.cache[i, 0, :, :, :t + 1], self.cache[i, 1, :, :, :t + 1]
+            q = qk[:, :h].view(rows, kv, self.groups, d)  # head h = kv_head * groups + g, as repeat_kv
             scores = torch.matmul(q, keys.transpose(2, 3)) * p["scaling"] + additive
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(weights, values).reshape(rows, 1, -1)
-            hidden = residual + p["o"](out)
-            residual = hidden
-            x = p["norm2"](hidden)
-            hidden = residual + p["down"](p["act"](p["gate"](x)) * p["up"](x))
-        return self.head(self.norm(hidden))[:, -1]
+            hidden = hidden + p["o"](torch.matmul(weights, values).view(rows, h * d))
+            gate, up = p["gate_up"](p["norm2"](hidden)).split(self.intermediate, -1)
+            hidden = hidden + p["down"](p["act"](gate) * up)
+        return self.head(self.norm(hidden))
 
 
 def _left_pad(prompt_ids: list[list[int]], pad: int, device, multiple: int | None = None):
@@ -198,23 +274,24 @@ def _decode(model, prompt_ids, max_new_tokens: int, eos_ids, pad: int, pick, pad
         decoder.keep(rows)
         logits = logits[rows]
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
-    live = torch.arange(len(prompt_ids), device=device)
-    done: list[list[int]] = [[] for _ in prompt_ids]
+    live = torch.arange(len(prompt_ids), device=device)  # the batch row each decoder row decodes
+    tokens = torch.full((len(prompt_ids), max_new_tokens), pad, dtype=torch.long, device=device)
+    lengths = torch.full((len(prompt_ids),), max_new_tokens, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         next_ids = pick(logits, live)
-        for row, token in zip(live.tolist(), next_ids.tolist()):
-            done[row].append(token)
+        tokens[live, step] = next_ids
         if step == max_new_tokens - 1:
             break
-        running = ~torch.isin(next_ids, eos)
-        if not running.any():
-            break
-        if not running.all():  # finished rows leave the batch, their cache rows with them
-            keep = running.nonzero().squeeze(1)
+        ended = torch.isin(next_ids, eos)
+        if ended.any():  # finished rows leave the batch, their cache rows with them
+            lengths[live[ended]] = step + 1
+            keep = ended.logical_not().nonzero().squeeze(1)
+            if not len(keep):
+                break
             decoder.keep(keep)
             live, next_ids = live[keep], next_ids[keep]
         logits = decoder.step(next_ids)
-    return done
+    return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
 
 
 def greedy(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_ids, pad: int) -> list[list[int]]:

@@ -74,18 +74,55 @@ def test_step_logits_equal_the_models_own_forward(base):
         check_logits(lora, prompt_ids, tok.pad_token_id, model.config.vocab_size)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-dynamic-rope"])
 def test_other_llama_family_architectures(arch):
-    """Random small Llama (grouped-query heads, no q/k norm) and Qwen2 (q/k/v biases) models: the same check."""
+    """Random small Llama (grouped-query heads, no q/k norm) and Qwen2 (q/k/v biases) models: the same check. With a
+    rotary embedding that is not the default type (dynamic NTK scaling) each step calls the model's rotary module
+    instead of reading the decoder's table of positions."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    extra = {}
+    if arch == "llama-dynamic-rope":
+        arch, extra = "llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}
     config = AutoConfig.for_model(arch, vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                  attn_implementation="eager")
+                                  attn_implementation="eager", **extra)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     assert decode.unsupported(model) is None
+    assert decode.KVDecoder(model).rotary_table is not bool(extra)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
     check_logits(model, prompts, 0, 96)
+
+
+def test_module_forwards_where_the_arithmetic_is_not_known(base):
+    """Norms of a class the decoder does not inline and projections that are not plain linears (an active PEFT
+    adapter) run through their own modules: the same logits as the model's forward. The inlined, fused path gives
+    the same floats as these module calls (each fused output column is the same dot product)."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    model, tok = base
+
+    class OtherNorm(Qwen3RMSNorm):  # the same arithmetic under a name the decoder does not know
+        pass
+
+    other = copy.deepcopy(model).eval()
+    for parent in list(other.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Qwen3RMSNorm:
+                norm = OtherNorm(child.weight.shape[0], eps=child.variance_epsilon)
+                norm.weight.data.copy_(child.weight.data)
+                setattr(parent, name, norm)
+    dec = decode.KVDecoder(other)
+    assert dec.norm is other.model.norm and dec.layers[0]["norm1"] is other.model.layers[0].input_layernorm
+    prompt_ids = prompts_of(tok, 6)
+    check_logits(other, prompt_ids, tok.pad_token_id, model.config.vocab_size)
+    tokens = torch.randint(1, model.config.vocab_size, (6, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fused, _, _ = decoded_logits(model.eval(), prompt_ids, tokens, tok.pad_token_id)
+        modules, _, _ = decoded_logits(other, prompt_ids, tokens, tok.pad_token_id)
+    assert torch.equal(fused, modules)
+    lora = acting_lora(model).eval()  # adapters on: each projection through PEFT's module, outputs concatenated
+    assert not decode._plain(lora.base_model.model.model.layers[0].self_attn.q_proj)
+    check_logits(lora, prompt_ids, tok.pad_token_id, model.config.vocab_size)
 
 
 def generate_completions(model, prompt_ids, config, pad, eos):
