@@ -39,7 +39,8 @@ def spec(**kw) -> RunSpec:
     return RunSpec(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["kl_free_lora", "proma", "geora"])
+# kl_free_lora: test_two_processes_match_one_process_with_fixed_rollouts (CI time)
+@pytest.mark.parametrize("method", ["proma", "geora"])
 def test_two_process_run_completes_and_rank0_writes_whole_files(tmp_path, tiny, worker_env, method):
     s = spec(method=method)
     summary = run_one(s, tmp_path / s.run_id, progress=False, nproc=2)
@@ -119,7 +120,7 @@ def test_two_processes_match_one_process_with_fixed_rollouts(tmp_path, tiny, wor
     assert one["accuracy"] == two["accuracy"]
 
 
-@pytest.mark.parametrize("method", ["geora", "pissa"])
+@pytest.mark.parametrize("method", ["geora"])  # pissa: the same residual path (CI time)
 def test_ddp_wrap_broadcasts_trainable_and_frozen_residual_weights(tmp_path, tiny, worker_env, method):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                         str(HERE / "_ddp_broadcast.py"), method, str(tmp_path)], capture_output=True, text=True,
@@ -156,7 +157,7 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if k not in STRIP} for r in rows]
 
 
-@pytest.mark.parametrize("asked", [0, 1])
+@pytest.mark.parametrize("asked", [1])  # a non-zero rank asks: the case that needs the agreement (CI time)
 def test_a_stop_request_on_one_rank_stops_all_at_a_boundary_and_resumes_identically(tmp_path, tiny, worker_env,
                                                                                       monkeypatch, asked):
     """Preemption (SLURM's USR2, bench.runner.request_stop) reaching one rank only: every rank stops at the same
