@@ -73,7 +73,10 @@ def count_prompts(model, bar):
 @contextmanager
 def count_forwards(model, bar):
     """Advance `bar` by one per decoder forward (a decode step, in generation)."""
-    handle = _decoder(model).register_forward_pre_hook(lambda *_: bar.update(1))
+    def hook(module, args):
+        bar.update(1)  # returns nothing: a pre-hook's return value would replace the forward's arguments (and
+        #                tqdm's update returns True whenever it redraws)
+    handle = _decoder(model).register_forward_pre_hook(hook)
     try:
         yield
     finally:

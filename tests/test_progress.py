@@ -4,6 +4,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from bench import progress
 from bench.generation import generate, greedy_decode
@@ -67,3 +68,34 @@ def test_phase_bar_appears_only_after_its_delay(monkeypatch, capsys):
     with progress.phase("disabled phase", enabled=False):
         time.sleep(1.6)
     assert "disabled phase" not in capsys.readouterr().err
+
+
+class _Decoder(torch.nn.Module):
+    def forward(self, input_ids=None, attention_mask=None):
+        return input_ids * 2
+
+
+class _CausalLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = _Decoder()
+
+    def get_decoder(self):
+        return self.model
+
+
+@pytest.mark.parametrize("counter", [progress.count_forwards, progress.count_prompts])
+def test_hooks_leave_the_forward_arguments_alone_when_a_real_bar_redraws(counter):
+    """A real tqdm bar that is shown returns True from update() when it redraws; a pre-hook that returned it would
+    replace the decoder's positional arguments (Qwen3Model.forward() got multiple values for 'input_ids')."""
+    import io
+
+    from tqdm import tqdm
+    lm = _CausalLM()
+    bar = tqdm(total=10, file=io.StringIO(), delay=0, mininterval=0, miniters=1)
+    assert bar.update(1) is True  # this bar redraws on update: the case that broke
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with counter(lm, bar):
+        for _ in range(3):
+            assert torch.equal(lm.model(input_ids=ids), ids * 2)
+    bar.close()
