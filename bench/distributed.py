@@ -36,7 +36,6 @@ DEFAULT_MEANING.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.io import atomic_write_json
+from bench.io import atomic_write_json, read_json
 
 LAUNCH = ".launch.json"  # the run's spec and launch settings, for the worker processes
 STOP = ".stop-request"   # created by the harness when it was asked to stop (SLURM preemption): the ranks stop together
@@ -194,7 +193,7 @@ def _rank_error(run_dir: Path, stderr: str) -> str:
 
 
 def read_launch(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / LAUNCH).read_text(encoding="utf-8"))
+    return read_json(Path(run_dir) / LAUNCH)
 
 
 def watch_stop_file(run_dir: Path, request_stop) -> None:

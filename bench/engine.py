@@ -334,7 +334,8 @@ class BenchGRPOTrainer(GRPOTrainer):
                                          generation_kwargs=self.generation_kwargs,
                                          gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
                                          ) as unwrapped, torch.no_grad():
-            # the model's generation_config as TRL's override leaves it: what `generate` would merge in
+            # the model's generation_config as TRL's override leaves it (generation_kwargs apply only inside this
+            # context, hence the second check here): what `generate` would merge in
             config = copy.deepcopy(unwrapped.generation_config)
             for key, value in self.generation_config.to_diff_dict().items():
                 setattr(config, key, value)

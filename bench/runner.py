@@ -39,7 +39,7 @@ from bench.policy import InitKLToBase, build_policy, trainable_parameters, train
 from bench.progress import count_prompts
 from bench.progress import phase as phase_bar
 from bench.provenance import git_sha, run_machine, versions
-from bench.results import DONE, identity, outcome
+from bench.results import DONE, identity, outcome, read_summary
 from bench.runlock import RunHeld, run_lock
 from bench.spec import RunSpec, stored_key
 from bench.threads import torch_threads
@@ -281,17 +281,12 @@ def _run_launched(spec: RunSpec, run_dir: Path, nproc: int, progress: bool, bar,
     t0 = time.perf_counter()
     code, error = distributed.launch(spec, run_dir, nproc, threads=threads, progress=progress and bar is None,
                                      tracking=tracking, stop_requested=_STOP_REQUESTED.is_set)
-    summary = None
-    if summary_path.is_file():
-        try:
-            summary = read_json(summary_path)
-        except (OSError, ValueError):
-            summary = None
-    if isinstance(summary, dict) and summary.get("status") == "failed" and any(run_dir.glob("error_rank*.log")):
+    summary, _ = read_summary(summary_path)  # None: absent, unreadable or not a run summary
+    if summary is not None and summary.get("status") == "failed" and any(run_dir.glob("error_rank*.log")):
         # rank 0 failed because another rank did (a closed connection in a collective): that rank's error is the cause
         summary["error"] = f"{error} (rank0: {summary.get('error')})"[:500]
         atomic_write_json(summary_path, summary)
-    elif not isinstance(summary, dict):
+    elif summary is None:
         summary = identity(spec)
         summary.update(status="failed", world_size=nproc,
                        error=f"a process of the {nproc}-process run failed (exit code {code}): {error}"[:500])
@@ -512,7 +507,7 @@ def train(spec: RunSpec, trainer, callback, checkpoint: Path | None, done_steps:
 def summarize(rows: list[dict], base: dict, final: dict, prep: Prepared, *, device: str, threads: int | None,
               checkpoint: Path | None, seconds: dict, method_summary: dict) -> dict:
     """The summary.json fields of a finished training (bench.results.RUN_FIELDS, then the method's own fields);
-    seconds: eval, init and setup seconds."""
+    seconds: eval (base and final), eval_base (the base eval alone; default: eval), init and setup seconds."""
     out = _aggregate(rows)
     out.update({
         "status": "ok", "accuracy_base": base["accuracy"], "accuracy": final["accuracy"],
@@ -524,7 +519,6 @@ def summarize(rows: list[dict], base: dict, final: dict, prep: Prepared, *, devi
         "setup_seconds": round(seconds["setup"], 3), "forward_threads": threads or torch.get_num_threads(),
         "trainable_params": trainable_parameters(prep.policy), "trained_set": trained_set(prep.policy),
         **prep.init_kl, "device": device, **run_device(device), "resumed_from": checkpoint.name if checkpoint else None,
-        "world_size": distributed.world_size(),
     })
     out.update(method_summary)
     return out
