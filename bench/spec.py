@@ -173,7 +173,7 @@ class RunSpec:
     temperature: float = _setting(1.0, "rollout sampling temperature (TRL also scales training logits by it)")
     eval_size: int | None = _setting(None, "evaluate on the first N eval problems; unset: the whole eval split")
     # padding may move a float's last bits, so completions are a function of the batch (bench.generation)
-    eval_batch: int = _setting(64, "greedy-eval prompts decoded together, sorted by length and left-padded to the "
+    eval_batch: int = _setting(128, "greedy-eval prompts decoded together, sorted by length and left-padded to the "
                                    "batch's longest")
     probe_size: int = _setting(16, "held-out prompts of the probe set (kl_ref, entropy_probe)")
     probe_every: int = _setting(20, "optimizer steps between probe-set measurements (also at the end)")

@@ -133,10 +133,13 @@ def generate_completions(model, prompt_ids, config, pad, eos):
     return [row[:row.index(eos) + 1] if eos in row else row for row in out]  # TRL's cut after the first EOS
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=1.0, top_k=0, top_p=1.0),  # the harness's rollouts
-                                      dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.01)])
-def test_sample_draws_generates_tokens_for_the_same_seed(base, settings):
+# finished rows dropped from the cache as soon as one ends (0), by quarters (the default), never (2: they decode padding)
+@pytest.mark.parametrize("settings,compact", [(dict(temperature=1.0, top_k=0, top_p=1.0), 0.0),  # the rollouts
+                                              (dict(temperature=1.0, top_k=0, top_p=1.0), decode.COMPACT_FRACTION),
+                                              (dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.01), 2.0)])
+def test_sample_draws_generates_tokens_for_the_same_seed(base, settings, compact, monkeypatch):
     from transformers import GenerationConfig
+    monkeypatch.setattr(decode, "COMPACT_FRACTION", compact)
     model, tok = base
     lora = acting_lora(model)
     eos, pad = tok.eos_token_id, tok.pad_token_id
