@@ -220,11 +220,12 @@ def install_loss_hook(trainer, hook: Callable) -> None:
 
 class BenchGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, step_kl: StepKL | None = None, forward_threads: int | None = None,
-                 fast_generation: bool = True, **kwargs):
+                 decode_threads: int | None = None, fast_generation: bool = True, **kwargs):
         self.fast_generation = fast_generation  # rollouts through bench.decode where it applies (else TRL's generate)
         self.fast_generation_skipped: str | None = None  # why the fast path did not apply, once known
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self.forward_threads = forward_threads  # torch threads for forward passes (parallel.forward_threads)
+        self.decode_threads = decode_threads or forward_threads  # for rollout generation (parallel.decode_threads)
         self.generated_tokens = 0
         self.step_kl = step_kl or StepKL()
         self.step_metrics: dict = {}
@@ -300,7 +301,7 @@ class BenchGRPOTrainer(GRPOTrainer):
     def _generate(self, prompts):
         # vLLM gets the weights through TRL's own adapter merge: folding the adapters in here would add them twice
         fold = nullcontext() if self.use_vllm else merged_adapters(self.accelerator.unwrap_model(self.model))
-        with self.timed("generation"), fold, torch_threads(self.forward_threads):
+        with self.timed("generation"), fold, torch_threads(self.decode_threads):
             out = super()._generate(prompts)
         self.generated_tokens += sum(len(ids) for ids in out[1])  # completion_ids_list
         return out

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.generation import eval_mode, generate
+from bench.threads import torch_threads
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -161,14 +162,16 @@ class ProbeSet:
     with the same seed (under a forked RNG, so measuring never changes training's random stream)."""
 
     def __init__(self, prompts: list, max_new_tokens: int, seed: int = 1234, temperature: float = 1.0,
-                 progress: bool = False, position: int = 2):
+                 progress: bool = False, position: int = 2, threads: int | None = None):
         self.prompts, self.max_new_tokens, self.seed, self.temperature = prompts, max_new_tokens, seed, temperature
+        self.threads = threads  # torch threads of the sampling (bench.parallel.decode_threads; None: unchanged)
         self.progress, self.position = progress, position  # a bar (decode steps) where sampling takes seconds
 
     def sample(self, model, tokenizer) -> RolloutBatch:
         from bench.progress import count_forwards, phase
         with plain_sampling(model), phase("probe set: sampling", self.max_new_tokens, "token", self.progress,
-                                          self.position) as bar, count_forwards(model, bar):
+                                          self.position) as bar, count_forwards(model, bar), \
+                torch_threads(self.threads):
             # top_k=0, top_p=1 and the temperature are passed explicitly by generate
             _, out = generate(model, tokenizer, self.prompts, self.max_new_tokens, greedy=False, seed=self.seed,
                               temperature=self.temperature, batch_size=len(self.prompts))
@@ -230,5 +233,9 @@ class StepKL:
         after = self.batch.logprobs(model, self.temperature)
         mask = self.batch.completion_mask.to(after.dtype)
         s, n = kl_sum(self.before, after, mask)
-        self.batch = self.before = None
+        self.discard()
         return {"kl_step": s / max(n, 1)}
+
+    def discard(self) -> None:
+        """Forget the captured step (a process that does not measure: a multi-process run's ranks > 0)."""
+        self.batch = self.before = None

@@ -112,6 +112,19 @@ def forward_threads(spec: RunSpec, model, tokenizer, prompts: list) -> int | Non
     return n
 
 
+def decode_threads(forward: int | None) -> int | None:
+    """Threads for token-by-token decoding (rollouts, greedy evals, the probe set's sampling) in a run whose forward
+    passes use `forward` threads (forward_threads): one where forward_threads split them (its check makes one
+    thread's floats equal), else `forward`. Why: a decode step of a small model is hundreds of operations of
+    microseconds each, and every parallel region waits for all its threads; with another process on a core, a step
+    waits for a descheduled thread (measured on 2 cores, one rollout of 64 x 64 tokens: 0.36-0.46 s on 2 threads
+    and 0.42-0.51 s on 1 while the machine was otherwise idle; 10-12 s on 2 threads and 0.45-0.65 s on 1 while
+    another process shared the cores). A pinned BENCH_FORWARD_THREADS applies to decoding too."""
+    if forward is None or forward <= 1 or env_threads("BENCH_FORWARD_THREADS"):
+        return forward
+    return 1
+
+
 def forward_is_thread_invariant(model, tokenizer, prompts: list, n: int, temperature: float = 1.0) -> bool:
     """Whether forwards on n threads give this model's one-thread floats, checked bitwise on what the run does: a
     short greedy generation (adapters folded, as for rollouts and evals) and a logits forward; and TRL's training

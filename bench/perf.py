@@ -445,6 +445,9 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["run"]:
         n = int(sys.argv[2]) if len(sys.argv) > 2 else 1
         torch.set_num_threads(1)
+        # the runs' forwards on one thread too, as in the default sweep: on a shared machine, forwards split over
+        # threads wait for descheduled ones, which would time the machine's load rather than the two paths
+        os.environ.setdefault("BENCH_FORWARD_THREADS", "1")
         def log(message):
             print(message, flush=True)
         out = generation_vs_generate(default, "tiny", resolve_device("auto"), 3, log=log)

@@ -81,6 +81,8 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("init_seconds", NUMBER, "seconds building the policy (adapter initialization)", csv=False),
     Field("setup_seconds", NUMBER, "seconds loading the task, model and trainer", csv=False),
     Field("forward_threads", NUMBER, "torch threads of the run's forward passes (bench.parallel)", csv=False),
+    Field("decode_threads", NUMBER, "torch threads of its token-by-token decoding: rollouts, evals, probe sampling "
+                                    "(bench.parallel.decode_threads)", csv=False),
     Field("init_kl_to_base_tokens", NUMBER, "token positions behind init_kl_to_base", csv=False),
     Field("device", TEXT, "cpu or cuda", csv=False),
     Field("resumed_from", TEXT, "the checkpoint the run resumed from, if any", csv=False),

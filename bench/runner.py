@@ -34,7 +34,7 @@ from bench.health import RunHealth
 from bench.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
 from bench.metrics import PROBE_SAMPLING, InitialPolicy, ProbeSet
 from bench.models import cache_root, load_policy, uses_chat_template
-from bench.parallel import forward_threads, run_threads
+from bench.parallel import decode_threads, forward_threads, run_threads
 from bench.policy import InitKLToBase, build_policy, trainable_parameters, trained_set
 from bench.progress import count_prompts
 from bench.progress import phase as phase_bar
@@ -127,7 +127,7 @@ class MetricsCallback(TrainerCallback):
                     row.update(self.probe.measure(model, self.tokenizer, self.reference))
         else:
             self.trainer.pop_step_metrics()
-            self.trainer.step_kl.batch = self.trainer.step_kl.before = None
+            self.trainer.step_kl.discard()
         # A stop request takes effect at a generation-batch boundary: TRL does not checkpoint its buffered
         # rollouts, so resuming there gives exactly the run that was not interrupted. (Every rank of a multi-process
         # run asks the others: they stop at the same step.)
@@ -478,12 +478,13 @@ def resume_point(run_dir: Path) -> tuple[Path | None, list[dict]]:
 
 
 def build_trainer(spec: RunSpec, prep: Prepared, run_dir: Path, dataset, device: str, callback, threads,
-                  report: dict | None = None):
+                  report: dict | None = None, decode_threads: int | None = None):
     """The run's trainer (bench.engine.make_trainer) with the metrics callback, checkpointing into run_dir;
     report: experiment-tracker settings for TRL's report_to (bench.trackers.Session.grpo_settings)."""
     trainer = make_trainer(spec, prep.method, prep.params, prep.policy, prep.tokenizer, dataset,
                            str(run_dir / "checkpoints"), chat=prep.chat, device=device, callbacks=[callback],
-                           log_path=run_dir / "run.log", forward_threads=threads, report=report)
+                           log_path=run_dir / "run.log", forward_threads=threads, report=report,
+                           decode_threads=decode_threads)
     callback.trainer = trainer
     return trainer
 
@@ -505,7 +506,7 @@ def train(spec: RunSpec, trainer, callback, checkpoint: Path | None, done_steps:
 
 
 def summarize(rows: list[dict], base: dict, final: dict, prep: Prepared, *, device: str, threads: int | None,
-              checkpoint: Path | None, seconds: dict, method_summary: dict) -> dict:
+              checkpoint: Path | None, seconds: dict, method_summary: dict, decode_threads: int | None = None) -> dict:
     """The summary.json fields of a finished training (bench.results.RUN_FIELDS, then the method's own fields);
     seconds: eval (base and final), eval_base (the base eval alone; default: eval), init and setup seconds."""
     out = _aggregate(rows)
@@ -517,6 +518,7 @@ def summarize(rows: list[dict], base: dict, final: dict, prep: Prepared, *, devi
         "eval_base_seconds": round(seconds.get("eval_base", seconds["eval"]), 3),
         "init_seconds": round(seconds["init"], 4),
         "setup_seconds": round(seconds["setup"], 3), "forward_threads": threads or torch.get_num_threads(),
+        "decode_threads": decode_threads or threads or torch.get_num_threads(),
         "trainable_params": trainable_parameters(prep.policy), "trained_set": trained_set(prep.policy),
         **prep.init_kl, "device": device, **run_device(device), "resumed_from": checkpoint.name if checkpoint else None,
     })
@@ -544,9 +546,10 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
     at = {"enabled": progress, "position": position + 1}  # phase bars: below the run's step bar
     with phase_bar(f"{spec.run_id}: checking forwards on several threads", **at):
         fwd_threads = forward_threads(spec, prep.policy, prep.tokenizer, eval_set.prompts)
+    dec_threads = decode_threads(fwd_threads)
     t_eval = time.perf_counter()
     if main:  # (a multi-process run's other ranks wait: the eval is the 1-process run's)
-        base = greedy_eval(spec, prep, eval_set, fwd_threads, memo_dir=eval_memo_dir(),  # shared by runs from these
+        base = greedy_eval(spec, prep, eval_set, dec_threads, memo_dir=eval_memo_dir(),  # shared by runs from these
                            bar={"desc": f"{spec.run_id}: base eval", **at})                # weights
         atomic_write_jsonl(run_dir / "eval_base.jsonl", base["items"])
     distributed.barrier()
@@ -562,12 +565,12 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
     elif done_steps:
         bar.update(done_steps)
     probe = ProbeSet([prep.to_prompt(q) for q in probe_questions], spec.max_completion_length, seed=spec.seed,
-                     temperature=spec.temperature, progress=progress, position=position + 1)
+                     temperature=spec.temperature, progress=progress, position=position + 1, threads=dec_threads)
     callback = MetricsCallback(run_dir / "metrics.jsonl", probe, reference, prep.tokenizer, spec, rows, bar,
                                main=main)
     trackers = Session(tracking, spec.run_id, run_dir)  # experiment trackers (none by default)
     trainer = build_trainer(spec, prep, run_dir, dataset, device, callback, fwd_threads,
-                            report=trackers.grpo_settings())
+                            report=trackers.grpo_settings(), decode_threads=dec_threads)
     trackers.attach(trainer, callback)
     trainer.show_progress, trainer.progress_position = progress, position + 1  # checkpoint saves
     setup_seconds = time.perf_counter() - t_setup - prep.init_seconds - eval_seconds
@@ -585,13 +588,14 @@ def _train_measured(spec: RunSpec, method: Method, run_dir: Path, progress: bool
 
     # evaluate, save, summarize
     t_eval = time.perf_counter()
-    final = greedy_eval(spec, prep, eval_set, fwd_threads, bar={"desc": f"{spec.run_id}: final eval", **at})
+    final = greedy_eval(spec, prep, eval_set, dec_threads, bar={"desc": f"{spec.run_id}: final eval", **at})
     atomic_write_jsonl(run_dir / "eval_final.jsonl", final["items"])
     eval_seconds += time.perf_counter() - t_eval
     saved = "adapter" if hasattr(prep.policy, "peft_config") else "model"
     with phase_bar(f"{spec.run_id}: saving the trained {saved}", **at):
         save_trained(prep.policy, run_dir, prep.residual)
     out = summarize(rows, base, final, prep, device=device, threads=fwd_threads, checkpoint=checkpoint,
+                    decode_threads=dec_threads,
                     seconds={"eval": eval_seconds, "eval_base": eval_base_seconds, "init": prep.init_seconds,
                              "setup": setup_seconds},
                     method_summary=trainer.method_summary)

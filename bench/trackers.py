@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,19 +199,17 @@ class Session:
                     if type(cb).__name__ == "TensorBoardCallback" and cb.tb_writer is not None:
                         cb.tb_writer.close()
                         cb.tb_writer = None
-            if "wandb" in self.tracking.names:
-                import wandb
+            # a tracker whose module this process never imported has no run open: nothing to end
+            if "wandb" in self.tracking.names and (wandb := sys.modules.get("wandb")) is not None:
                 if wandb.run is not None:
                     wandb.finish(exit_code=0 if ok else 1)
                 # wandb keeps the settings of its first run in a process-wide singleton (WANDB_DIR included): torn
                 # down, the next run of an in-process sweep reads its own (https://docs.wandb.ai/ref/python/teardown)
                 wandb.teardown()
-            if "trackio" in self.tracking.names:
-                import trackio
+            if "trackio" in self.tracking.names and (trackio := sys.modules.get("trackio")) is not None:
                 if trackio.context_vars.current_run.get() is not None:
                     trackio.finish()
-            if "mlflow" in self.tracking.names:
-                import mlflow
+            if "mlflow" in self.tracking.names and (mlflow := sys.modules.get("mlflow")) is not None:
                 if mlflow.active_run() is not None:
                     mlflow.end_run(status="FINISHED" if ok else "FAILED")
         finally:

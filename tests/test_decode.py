@@ -133,7 +133,7 @@ def generate_completions(model, prompt_ids, config, pad, eos):
     return [row[:row.index(eos) + 1] if eos in row else row for row in out]  # TRL's cut after the first EOS
 
 
-# finished rows dropped from the cache as soon as one ends (0), by quarters (the default), never (2: they decode padding)
+# finished rows dropped from the cache as soon as one ends (0), by quarters (the default), never (2: they decode pads)
 @pytest.mark.parametrize("settings,compact", [(dict(temperature=1.0, top_k=0, top_p=1.0), 0.0),  # the rollouts
                                               (dict(temperature=1.0, top_k=0, top_p=1.0), decode.COMPACT_FRACTION),
                                               (dict(temperature=0.7, top_k=20, top_p=0.9, min_p=0.01), 2.0)])

@@ -158,6 +158,16 @@ def test_forward_threads_use_free_cores_only_where_forwards_are_thread_invariant
         parallel.set_forward_cores(None)
 
 
+def test_decoding_keeps_one_thread_where_forwards_were_split(monkeypatch):
+    """Token-by-token decoding (rollouts, evals, probe sampling) on one thread wherever forward_threads chose
+    several (their floats were checked equal), on the pinned count where the user pinned it."""
+    from bench import parallel
+    monkeypatch.delenv("BENCH_FORWARD_THREADS", raising=False)
+    assert [parallel.decode_threads(n) for n in (None, 1, 2, 4)] == [None, 1, 1, 1]
+    monkeypatch.setenv("BENCH_FORWARD_THREADS", "2")
+    assert parallel.decode_threads(2) == 2
+
+
 def runner_policy(model):
     from bench.policy import build_policy
     from methods import get_method

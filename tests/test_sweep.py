@@ -51,6 +51,7 @@ def test_parallel_sweep_equals_sequential(tmp_path, tiny, monkeypatch):
             assert read_json(tmp_path / side / s.run_id / "config.json")["machine"]["torch_threads"] == 1
         seq_s, par_s = (read_json(tmp_path / side / s.run_id / "summary.json") for side in ("seq", "par"))
         assert (seq_s["forward_threads"], par_s["forward_threads"]) == (2, 1)
+        assert (seq_s["decode_threads"], par_s["decode_threads"]) == (2, 1)  # pinned: decoding on two threads too
         for key in ("accuracy_base", "accuracy", "kl_ref", "kl_step", "entropy", "reward"):
             assert seq_s[key] == par_s[key], key
     assert (tmp_path / "par" / "summary.csv").is_file() and (tmp_path / "par" / "tables.md").is_file()
