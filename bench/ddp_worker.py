@@ -4,6 +4,7 @@ run's rank (bench.runner.run_rank). Exit code 1 where the run failed, so that to
 instead of leaving them in a collective; else 0."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
@@ -36,8 +37,11 @@ def main(argv=None) -> int:
     distributed.watch_stop_file(run_dir, runner.request_stop)
     on_cuda = spec.device != "cpu" and torch.cuda.is_available()
     if on_cuda:  # torchrun's LOCAL_RANK -> this rank's GPU (CUDA_VISIBLE_DEVICES holds this run's GPUs)
-        import os
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if distributed.uses_deepspeed(spec.sharding):
+        # what `accelerate launch --use_deepspeed` sets: the process group below is then DeepSpeed's
+        # (accelerate's PartialState), as the Trainer's Accelerator expects it
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     # the process group now, with the long timeout: rank 0's greedy evals happen before the Trainer would create it
     PartialState(cpu=not on_cuda, backend="nccl" if on_cuda else "gloo", timeout=distributed.TIMEOUT)
     try:

@@ -33,6 +33,24 @@ buffer) makes all ranks hold rank 0's adapter and residual base weights (tested:
 
 Each method's meaning under data parallelism is its `Method.data_parallel` text (`bench list --methods`), default
 DEFAULT_MEANING.
+
+Sharding (RunSpec.sharding, `--sharding`; check_sharding refuses what cannot run, before any run starts):
+- ddp (default): every process holds the whole policy, its gradients and its optimizer state (above).
+- zero2: DeepSpeed ZeRO stage 2 through transformers' DeepSpeed integration (GRPOConfig's `deepspeed`, a config dict
+  whose "auto" values transformers fills from the GRPOConfig: https://huggingface.co/docs/transformers/deepspeed;
+  TRL documents the same through accelerate configs: https://huggingface.co/docs/trl/distributing_training). The
+  optimizer state and the gradients are partitioned over the processes; the parameters stay whole on every rank,
+  so rank 0's evals, probe measurements and saving work as under DDP. DeepSpeed broadcasts every parameter from
+  rank 0 when it wraps the model (DeepSpeedEngine._broadcast_model: trainable and frozen, so SVD inits' residuals
+  too), trains bf16 weights with fp32 master copies in the optimizer (its bf16 mode, where DDP on CUDA keeps fp32
+  weights under autocast), and steps the optimizer inside the last micro-batch's backward (accelerate's
+  DeepSpeedEngineWrapper.backward), so the engine reads kl_step's pre-step distribution before that backward
+  (BenchGRPOTrainer.capture_before_backward). accelerate runs DeepSpeed on GPUs only: refused without CUDA or
+  without the deepspeed package (not a dependency). Not run on this project's CPU machine: untested.
+- zero3, fsdp: they partition the parameters too. accelerate 1.15 ignores an FSDP plugin on CPU (the run would
+  silently be DDP: distributed type MULTI_CPU), and on GPUs rank 0 would hold a shard only, while the harness
+  measures (kl_ref, kl_step, entropy), evaluates and saves the policy on rank 0's whole weights between training
+  steps, with the other ranks waiting. Both are refused with that reason.
 """
 from __future__ import annotations
 
@@ -112,9 +130,40 @@ def parse_nproc(value) -> int:
     return n
 
 
+PARAMETER_SHARDING = ("zero3", "fsdp")  # shardings that partition the parameters (refused: module docstring)
+
+
+def check_sharding(specs, nproc: int, local: bool = True) -> None:
+    """Refuse, before any run, a sharding that cannot run these specs as `nproc` processes here (module docstring;
+    a method that cannot run sharded is refused by RunSpec itself, Method.refuses_sharding). local: the runs start
+    on this machine, whose GPUs are checked (on SLURM the task's node has them)."""
+    import importlib.util
+
+    from bench.device import resolve_device
+    for name in sorted({spec.sharding for spec in specs} - {"ddp"}):
+        if name in PARAMETER_SHARDING:
+            cpu = " (and accelerate ignores FSDP on CPU)" if name == "fsdp" else ""
+            raise BenchError(f"--sharding {name}: partitions the parameters over the processes, but the harness "
+                             "measures (kl_ref, kl_step), evaluates and saves the policy on rank 0's whole weights"
+                             f"{cpu}; not supported: zero2 partitions the optimizer state and gradients only")
+        if nproc < 2:
+            raise BenchError(f"--sharding {name}: partitions over the processes of a run; it needs --nproc-per-run 2 "
+                             "or more")
+        missing = []
+        if any(spec.device == "cpu" for spec in specs) or \
+                (local and any(resolve_device(spec.device) != "cuda" for spec in specs)):
+            missing.append("CUDA (accelerate runs DeepSpeed on GPUs only; " +
+                           ("this machine shows none)" if local else "device cpu)"))
+        if importlib.util.find_spec("deepspeed") is None:
+            missing.append("the deepspeed package (pip install deepspeed, on a CUDA machine; not a dependency)")
+        if missing:
+            raise BenchError(f"--sharding {name} needs " + " and ".join(missing))
+
+
 def check_nproc(specs, nproc: int, local: bool = True) -> None:
-    """Refuse, before any run, what N data-parallel processes per run cannot do. local: the runs start on this
-    machine (on SLURM the node is checked by the task)."""
+    """Refuse, before any run, what N data-parallel processes per run cannot do (the sharding too). local: the runs
+    start on this machine (on SLURM the node is checked by the task)."""
+    check_sharding(specs, nproc, local)
     if nproc == 1:
         return
     from bench.device import resolve_device, visible_gpus
@@ -132,13 +181,34 @@ def check_nproc(specs, nproc: int, local: bool = True) -> None:
             raise BenchError(f"--nproc-per-run {nproc}: this machine shows {len(gpus)} GPU(s); one per process")
 
 
-def ddp_settings(on_cuda: bool) -> dict:
+def multiprocess_settings(on_cuda: bool, sharding: str = "ddp") -> dict:
     """GRPOConfig fields of a multi-process run (none in a 1-process run): the collective timeout (the other ranks
-    wait through rank 0's greedy evals) and the backend."""
+    wait through rank 0's greedy evals), the backend, and for zero2 the DeepSpeed config."""
     if world_size() == 1:
         return {}
-    return {"ddp_timeout": int(TIMEOUT.total_seconds()), "ddp_backend": "nccl" if on_cuda else "gloo",
-            "ddp_find_unused_parameters": False}
+    out = {"ddp_timeout": int(TIMEOUT.total_seconds()), "ddp_backend": "nccl" if on_cuda else "gloo",
+           "ddp_find_unused_parameters": False}
+    if sharding == "zero2":
+        out["deepspeed"] = deepspeed_config(stage=2)
+    elif sharding != "ddp":
+        raise BenchError(f"--sharding {sharding}: not supported (bench.distributed.check_sharding)")
+    return out
+
+
+def deepspeed_config(stage: int) -> dict:
+    """DeepSpeed's config for a ZeRO stage, as transformers' DeepSpeed integration takes it (GRPOConfig.deepspeed):
+    every "auto" is filled from the GRPOConfig (batch sizes, accumulation, clipping, bf16 as the harness sets it),
+    so the run's own settings hold. No optimizer or scheduler section: DeepSpeed wraps the Trainer's own (AdamW,
+    one of ZeRO's supported optimizers; the constant schedule)."""
+    return {"zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                                  "reduce_scatter": True, "allgather_partitions": True},
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+
+
+def uses_deepspeed(sharding: str) -> bool:
+    return sharding == "zero2"
 
 
 # ---- the harness side: launch N processes for one run ----------------------------------------------------------

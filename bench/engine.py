@@ -37,7 +37,7 @@ import torch
 import trl
 from trl import GRPOConfig, GRPOTrainer
 
-from bench.distributed import ddp_settings, is_main, per_process_batch
+from bench.distributed import is_main, multiprocess_settings, per_process_batch
 from bench.errors import BenchError
 from bench.generation import merged_adapters
 from bench.metrics import RolloutBatch, StepKL
@@ -99,7 +99,7 @@ def grpo_settings(spec, method, output_dir: str = "", reward_weights: list[float
         logging_steps=1, report_to="none", disable_tqdm=True, log_completions=False,
         save_strategy="steps", save_steps=spec.checkpoint_every, save_total_limit=1,
         reward_weights=reward_weights,
-        **ddp_settings(on_cuda=not use_cpu),  # none in a 1-process run
+        **multiprocess_settings(on_cuda=not use_cpu, sharding=spec.sharding),  # none in a 1-process run
     )
     if spec.generation_backend == "vllm":  # TRL's vLLM; its importance-sampling correction stays on
         kwargs.update(use_vllm=True, vllm_mode=spec.vllm_mode)
@@ -233,6 +233,10 @@ class BenchGRPOTrainer(GRPOTrainer):
         self._step_first_batch = None
         self._skip_old_logps = False    # set while TRL generates: its old-log-prob forward is done per micro-batch
         self._hidden = None             # final hidden states of the step's first micro-batch (kl_step "before")
+        # kl_step's "before" is read ahead of the step's last backward where the optimizer steps inside that backward:
+        # accelerate's DeepSpeed wrapper calls engine.step() in Accelerator.backward (accelerate utils/deepspeed.py,
+        # DeepSpeedEngineWrapper.backward); elsewhere the Trainer steps after training_step returns
+        self.capture_before_backward = False
         self.method_summary: dict = {}  # what a method's hooks report into summary.json (see note())
         self.log_path = None            # the run's run.log
         self.run_id = "run"
@@ -241,6 +245,7 @@ class BenchGRPOTrainer(GRPOTrainer):
         self.show_progress, self.progress_position = False, 2  # a bar while a checkpoint is saved (bench.progress)
         self._loss_wrappers: list[Callable] = []  # wrap_compute_loss, innermost first
         super().__init__(*args, **kwargs)
+        self.capture_before_backward = self.is_deepspeed_enabled
 
     # ---- the method contract (module docstring) --------------------------------------------------------------------
 
@@ -430,7 +435,12 @@ class BenchGRPOTrainer(GRPOTrainer):
         loss = self._threaded_compute_loss
         for wrapper in self._loss_wrappers:  # a method's (wrap_compute_loss), innermost first
             loss = functools.partial(wrapper, loss)
-        return loss(model, inputs, *args, **kwargs)
+        out = loss(model, inputs, *args, **kwargs)
+        # the step's last micro-batch (TRL counts self._step after training_step), before its backward
+        if self.capture_before_backward and torch.is_grad_enabled() and \
+                (self._step + 1) % self.current_gradient_accumulation_steps == 0:
+            self._capture_step_before(self.accelerator.unwrap_model(model))
+        return out
 
     def _threaded_compute_loss(self, model, inputs, *args, **kwargs):
         # the training forward; its backward runs afterwards (Trainer.training_step) at the run's own thread count
@@ -472,9 +482,15 @@ class BenchGRPOTrainer(GRPOTrainer):
                 hook.remove()
         self.phase_seconds["policy"] += (time.perf_counter() - t0) - (self._prep_seconds - prep0)
         if self._step % self.current_gradient_accumulation_steps == 0 and self._step_first_batch is not None:
-            b = self._step_first_batch  # parameters are still those before the optimizer step
-            batch = RolloutBatch(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
-            with self.timed("metrics"), torch_threads(self.forward_threads):
-                self.add_step_metrics(self.step_kl.capture_before(unwrapped, batch, hidden=self._hidden))
-            self._step_first_batch = self._hidden = None
+            self._capture_step_before(unwrapped)  # parameters are still those before the optimizer step
         return loss
+
+    def _capture_step_before(self, unwrapped) -> None:
+        """kl_step's pre-step distribution on the step's first micro-batch (StepKL.capture_before), once per step."""
+        if self._step_first_batch is None:
+            return
+        b = self._step_first_batch
+        batch = RolloutBatch(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["completion_mask"])
+        with self.timed("metrics"), torch_threads(self.forward_threads):
+            self.add_step_metrics(self.step_kl.capture_before(unwrapped, batch, hidden=self._hidden))
+        self._step_first_batch = self._hidden = None

@@ -61,10 +61,13 @@ def check_executor_flags(args) -> None:
 
 def check_nproc(args, options: dict, specs) -> int | None:
     """--nproc-per-run (bench.distributed): None where not given (SLURM then takes the profile's gpus_per_node),
-    else N, refused where N processes cannot run these specs here."""
+    else N, refused where N processes cannot run these specs here (--sharding included; a local sweep without
+    --nproc-per-run runs 1 process per run)."""
     from bench.distributed import check_nproc as check
     from bench.distributed import parse_nproc
     if options.get("nproc_per_run") is None:
+        if args.executor == "local":
+            check(specs, 1)
         return None
     nproc = parse_nproc(options["nproc_per_run"])
     check(specs, nproc, local=args.executor == "local")

@@ -88,6 +88,8 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("resumed_from", TEXT, "the checkpoint the run resumed from, if any", csv=False),
     Field("world_size", NUMBER, "data-parallel processes the run trained on (--nproc-per-run; bench.distributed); "
           "not part of the run's identity, like its thread count", csv=False),
+    Field("sharding", TEXT, "how a multi-process run held its training state (--sharding: ddp or zero2; "
+          "bench.distributed); part of the run's identity unless ddp", csv=False),
     Field("lm_eval", JSON, "lm-eval results (--final-eval lm-eval)", csv=False),
     Field("warnings", JSON, "the run's one-line warnings: truncation, no reward variance (bench.health)", csv=False),
 )

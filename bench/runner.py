@@ -288,7 +288,7 @@ def _run_launched(spec: RunSpec, run_dir: Path, nproc: int, progress: bool, bar,
         atomic_write_json(summary_path, summary)
     elif summary is None:
         summary = identity(spec)
-        summary.update(status="failed", world_size=nproc,
+        summary.update(status="failed", world_size=nproc, sharding=spec.sharding,
                        error=f"a process of the {nproc}-process run failed (exit code {code}): {error}"[:500])
         if (run_dir / "metrics.jsonl").is_file():
             summary.update(_aggregate(read_jsonl(run_dir / "metrics.jsonl")))
@@ -339,6 +339,7 @@ def _run_one(spec: RunSpec, run_dir: Path, progress: bool, position: int, bar, t
         atomic_write_text(run_dir / "error.log", traceback.format_exc())
     summary["run_seconds"] = round(time.perf_counter() - t0, 2)
     summary.setdefault("world_size", distributed.world_size())
+    summary.setdefault("sharding", spec.sharding)
     _remove_if_empty(run_dir / "checkpoints")  # a run that failed before its first checkpoint
     if summary["status"] != "ok" and (run_dir / "metrics.jsonl").is_file():
         summary.update(_aggregate(read_jsonl(run_dir / "metrics.jsonl")))

@@ -32,7 +32,7 @@ import types
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
 
-from bench.spec import RunSpec
+from bench.spec import SHARDINGS, RunSpec
 
 KINDS = ("value", "list", "params", "switch")
 
@@ -86,6 +86,12 @@ class SweepOptions:
                                               "completions, so the global batch is unchanged; not part of a run's "
                                               "identity (recorded as world_size); SLURM: default one per training "
                                               "GPU of a task (gpus_per_node less vllm_server_gpus)", metavar="N")
+    sharding: str = setting(spec_default("sharding"), "with --nproc-per-run: ddp (a whole copy per process) or zero2 "
+                                                      "(DeepSpeed ZeRO-2: optimizer state and gradients partitioned; "
+                                                      "CUDA and the deepspeed package); zero3 and fsdp are refused: "
+                                                      "the harness measures and saves on rank 0's whole weights; "
+                                                      "part of a run's identity unless ddp",
+                            choices=SHARDINGS, spec="sharding")
     lr_grid: str | None = setting(None, "--tune: learning rates to try, A,B,C or LOW:HIGH:N (log-spaced); default "
                                         "the run's lr x 10^(-1,-0.5,0,0.5,1)", kind="list")
     tune_steps: int | None = setting(None, "--tune: steps per trial (default: the run's steps)")

@@ -31,7 +31,8 @@ RESERVED_GRPO = {"output_dir", "beta", "max_steps", "seed", "data_seed", "learni
                  "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                  "num_generations", "max_completion_length", "save_steps", "save_strategy", "logging_steps",
                  "report_to", "use_cpu", "bf16", "fp16", "reward_weights", "use_vllm", "vllm_mode",
-                 "vllm_server_host", "vllm_server_port", "vllm_server_base_url"}
+                 "vllm_server_host", "vllm_server_port", "vllm_server_base_url",
+                 "deepspeed", "fsdp", "fsdp_config"}  # the run's sharding (bench.distributed)
 # fast: bench.decode (rollouts and greedy evals) where the model and sampling settings allow, else transformers';
 # transformers: the model's own `generate` (TRL's regular path) and the greedy eval's DynamicCache forward
 GENERATION_BACKENDS = ("fast", "transformers", "vllm")
@@ -47,6 +48,8 @@ MAX_SEED = 2**32 - 1
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 EXTRACTIONS = ("strict", "flexible")
 EVAL_SPLITS = ("eval", "dev")
+# how a multi-process run spreads its training state (bench.distributed.check_sharding says which run where)
+SHARDINGS = ("ddp", "zero2", "zero3", "fsdp")
 
 
 def is_number(value) -> bool:
@@ -139,10 +142,12 @@ def check_reward(reward) -> None:
         raise BenchError("bad reward: the correct and format weights are both 0 (nothing to learn from)")
 
 
-def _setting(default=None, help: str = "", factory=None, settable: bool = True, identity: bool = True):
+def _setting(default=None, help: str = "", factory=None, settable: bool = True, identity: bool | str = True):
     """A RunSpec field with its default and its help (TRL's GRPOConfig style): `bench run --help` lists every field
     that `--set` may change, with this help (bench.settings). settable=False: written by the harness only.
-    identity=False: where the run happens, not what it computes (left out of the run's key, like its thread count)."""
+    identity=False: where the run happens, not what it computes (left out of the run's key, like its thread count).
+    identity="unless-default": part of the run's key (and of its table configuration) only where set to other than
+    the default, so that runs recorded before the field existed keep their keys."""
     meta = {"help": help, "settable": settable, "identity": identity}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -197,6 +202,15 @@ class RunSpec:
                                                   "not part of a run's identity", identity=False)
     lora_scaling: str = _setting("rank", "LoRA scaling rule: rank (alpha = r), fixed:N (alpha = N) or rslora[:N] "
                                          "(alpha N / sqrt(r), N default 4); bench.scaling")
+    # in the key unless ddp: DeepSpeed trains bf16 weights with fp32 master copies in the optimizer (DDP on CUDA:
+    # fp32 weights under bf16 autocast) and writes checkpoints of its own format, which a DDP run cannot resume;
+    # the number of processes itself (world_size) stays out of the key, as the same objective (bench.distributed)
+    sharding: str = _setting("ddp", "how a multi-process run (--nproc-per-run) holds its training state: ddp (every "
+                                    "process a whole copy; accelerate DDP) or zero2 (DeepSpeed ZeRO-2: optimizer "
+                                    "state and gradients partitioned over the processes; CUDA and the deepspeed "
+                                    "package); zero3 and fsdp, which also partition the parameters, are refused "
+                                    "(README, \"Multi-process runs\"); part of a run's identity unless "
+                                    "ddp", identity="unless-default")
     eval_split: str = _setting("eval", "the split evaluated: eval, or dev (learning-rate tuning trials, bench.tune)")
     tuning: dict = _setting(help="how lr was selected (written by bench run --tune); empty: lr was set, not tuned",
                             factory=dict, settable=False)
@@ -265,6 +279,8 @@ class RunSpec:
         object.__setattr__(self, "lora_scaling", "rank" if self.rank == "full" else
                            with_alpha(self.lora_scaling, self.alpha))
         object.__setattr__(self, "alpha", None)
+        if self.sharding not in SHARDINGS:
+            raise BenchError(f"bad sharding {self.sharding!r}; valid: {', '.join(SHARDINGS)}")
         if self.eval_split not in EVAL_SPLITS:
             raise BenchError(f"bad eval_split {self.eval_split!r}; valid: {', '.join(EVAL_SPLITS)}")
         if not isinstance(self.tuning, dict):
@@ -272,10 +288,13 @@ class RunSpec:
         self._check_method_grpo()
 
     def _check_method_grpo(self) -> None:
-        """The method's check of the run's effective TRL settings (e.g. PROMA refuses ratio clipping), before any
-        training: a refusal is a one-line error."""
+        """The method's check of the run's effective TRL settings (e.g. PROMA refuses ratio clipping) and of its
+        sharding (Method.refuses_sharding), before any training: a refusal is a one-line error."""
         from methods import get_method
         method = get_method(self.method)
+        if self.sharding != "ddp" and method.refuses_sharding:
+            raise BenchError(f"--sharding {self.sharding}: method {self.method} cannot run with partitioned "
+                             f"gradients: {method.refuses_sharding}")
         if method.check_grpo is not None:
             from bench.engine import effective_grpo, grpo_settings
             try:
@@ -313,8 +332,9 @@ class RunSpec:
         return asdict(self)
 
     def key(self) -> str:
-        """The run's identity: a digest of every field but those where the run happens (NOT_IDENTITY)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+        """The run's identity: a digest of every field but those where the run happens (NOT_IDENTITY) and those at
+        a default that is not part of it (identity_settings)."""
+        d = identity_settings(self.to_dict())
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -333,6 +353,14 @@ class RunSpec:
 
 # fields that say where a run happens, not what it computes: outside its key and its table identity (bench.variants)
 NOT_IDENTITY = tuple(f.name for f in fields(RunSpec) if not f.metadata.get("identity", True))
+# fields in a run's identity only where set to other than their default (identity="unless-default")
+IDENTITY_UNLESS_DEFAULT = {f.name: f.default for f in fields(RunSpec) if f.metadata.get("identity") == "unless-default"}
+
+
+def identity_settings(spec: dict) -> dict:
+    """A spec's fields that make its identity: all but NOT_IDENTITY, and but IDENTITY_UNLESS_DEFAULT at default."""
+    return {k: v for k, v in spec.items() if k not in NOT_IDENTITY
+            and not (k in IDENTITY_UNLESS_DEFAULT and v == IDENTITY_UNLESS_DEFAULT[k])}
 
 
 def stored_key(config: dict) -> str | None:

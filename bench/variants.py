@@ -11,7 +11,7 @@ import json
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.spec import NOT_IDENTITY, RunSpec
+from bench.spec import NOT_IDENTITY, RunSpec, identity_settings
 
 IDENTITY_COLUMNS = ["config_digest", "variant"]
 NOT_SETTINGS = ("seed", *NOT_IDENTITY)                      # what a configuration's runs differ in (and where they ran)
@@ -59,7 +59,8 @@ def assign(runs: pd.DataFrame, specs: dict) -> pd.DataFrame:
     flat = {}
     for row in runs.itertuples():
         spec = specs.get(row.key)
-        flat[row.key] = None if spec is None else {k: v for k, v in _flat(spec).items()
+        # (identity_settings: a field that is part of a run's identity only off its default is absent at it)
+        flat[row.key] = None if spec is None else {k: v for k, v in _flat(identity_settings(spec)).items()
                                                     if k.split(".")[0] not in NOT_SETTINGS}
     # eval items: recorded by ok runs; a run without the record takes its configuration's one value, if unique
     def group(row):

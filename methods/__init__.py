@@ -14,7 +14,9 @@
 - `params` / `check_params`: the method's parameters with their defaults, and their validation;
 - `check_grpo`: validation of the run's effective TRL settings (e.g. PROMA refuses ratio clipping);
 - `data_parallel`: what the method computes when a run is N data-parallel processes (`--nproc-per-run`,
-  bench.distributed), where that is not simply the 1-process objective (bench.distributed.DEFAULT_MEANING).
+  bench.distributed), where that is not simply the 1-process objective (bench.distributed.DEFAULT_MEANING);
+- `refuses_sharding`: why the method cannot run where DeepSpeed partitions the gradients over the processes
+  (`--sharding zero2`, bench.distributed.check_sharding); empty where it can (refused in preflight otherwise).
 
 The reference policy of `kl_ref` and of the KL penalty is not a method field: it is always the *initial* policy
 (bench.metrics.InitialPolicy; TRL's reference for LoRA is the initial adapter).
@@ -53,6 +55,9 @@ class Method:
     # its meaning under N data-parallel processes, where a micro-batch statistic or cross-micro-batch state makes it
     # differ from the 1-process method ("": bench.distributed.DEFAULT_MEANING)
     data_parallel: str = ""
+    # why it cannot run with its gradients partitioned over the processes (--sharding zero2: DeepSpeed moves each
+    # micro-batch's gradients out of .grad into its partitioned buffers); "": it can
+    refuses_sharding: str = ""
 
     def resolved_beta(self, params: dict | None = None) -> float:
         """The KL coefficient: the `beta` method parameter where the method has one, else the fixed field."""
@@ -103,7 +108,7 @@ def _merge(a: Method, b: Method) -> Method:
         va, vb = getattr(a, f.name), getattr(b, f.name)
         if f.name in ("name", "summary", "cite", "family"):
             merged[f.name] = f"{va}+{vb}" if f.name in ("name", "family") else f"{va}; {vb}"
-        elif f.name == "data_parallel":
+        elif f.name in ("data_parallel", "refuses_sharding"):
             merged[f.name] = "; ".join(x for x in (va, vb) if x)
         elif f.name == "trainer_hooks":
             merged[f.name] = tuple(va) + tuple(vb)

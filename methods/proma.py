@@ -429,12 +429,18 @@ PROMA_DATA_PARALLEL = ("projected per process before the all-reduce: each proces
                        "proma_removed_frac is rank 0's")
 INTRA_DATA_PARALLEL = ("per micro-batch, data-parallel by construction (the paper): subspaces of each process's "
                        "micro-batch (micro_batch / N sequences); proma_removed_frac is rank 0's")
+# ZeRO-2 (DeepSpeed's stage_1_and_2.py) sets each weight's .grad to None once it has moved the micro-batch's gradient
+# into its partitioned buffers: the running sum that PROMA projects would be gone at every micro-batch
+PROMA_REFUSES_SHARDING = ("projects the running gradient sum that each weight's .grad holds between micro-batches; "
+                          "DeepSpeed ZeRO-2 moves every micro-batch's gradient out of .grad into its partitioned "
+                          "buffers (use --sharding ddp)")
 NO_CLIPPING = {"epsilon": NO_CLIP}  # the author's "pure" runs: clip ratios 1e9 (epsilon_high follows epsilon)
 
 register(Method(
     name="proma", family="PROMA", summary="PROMA: running gradient projected off each micro-batch's sequence gradients "
     "(no KL, no clipping)", cite=CITE, beta=0.0, grpo_overrides=NO_CLIPPING, trainer_hooks=(install_proma,),
     check_params=check_params, check_grpo=check_grpo, data_parallel=PROMA_DATA_PARALLEL,
+    refuses_sharding=PROMA_REFUSES_SHARDING,
     params={"mode": "approx", "sweeps": 2, "ridge": 1e-2, "cap": 0.5, "shrinkage": 1.0}))
 register(Method(
     name="proma_intra", family="PROMA",

@@ -78,7 +78,28 @@ USAGE_ERRORS = [
     ("config-set-sequence", ["--config", "{tmp}/set_sequence.yaml"],
      "bad --config {tmp}/set_sequence.yaml: set 1: expected KEY=VALUE"),
 ]
+PARAMETERS_SHARDED = ("partitions the parameters over the processes, but the harness measures (kl_ref, kl_step), "
+                      "evaluates and saves the policy on rank 0's whole weights")
+ONLY_ZERO2 = "; not supported: zero2 partitions the optimizer state and gradients only"
+USAGE_ERRORS += [
+    ("sharding-fsdp", ["--sharding", "fsdp", "--nproc-per-run", "2"],
+     f"--sharding fsdp: {PARAMETERS_SHARDED} (and accelerate ignores FSDP on CPU){ONLY_ZERO2}"),
+    ("sharding-zero3", ["--sharding", "zero3", "--nproc-per-run", "2"],
+     f"--sharding zero3: {PARAMETERS_SHARDED}{ONLY_ZERO2}"),
+    ("sharding-one-process", ["--sharding", "zero2"],
+     "--sharding zero2: partitions over the processes of a run; it needs --nproc-per-run 2 or more"),
+    ("sharding-proma", ["--sharding", "zero2", "--nproc-per-run", "2", "--methods", "kl_free_lora,geora+proma"],
+     "--sharding zero2: method geora+proma cannot run with partitioned gradients: projects the running gradient sum "
+     "that each weight's .grad holds between micro-batches; DeepSpeed ZeRO-2 moves every micro-batch's gradient out "
+     "of .grad into its partitioned buffers (use --sharding ddp)"),
+]
 if not torch.cuda.is_available():
+    import importlib.util
+    if importlib.util.find_spec("deepspeed") is None:
+        USAGE_ERRORS.append(("sharding-zero2-here", ["--sharding", "zero2", "--nproc-per-run", "2"],
+                             "--sharding zero2 needs CUDA (accelerate runs DeepSpeed on GPUs only; this machine shows "
+                             "none) and the deepspeed package (pip install deepspeed, on a CUDA machine; not a "
+                             "dependency)"))
     USAGE_ERRORS.append(("device-cuda-missing", ["--device", "cuda"],
                          f"--device cuda: CUDA is not available on this machine (torch {torch.__version__}, CUDA "
                          f"build {torch.version.cuda or 'none'}); use --device cpu or auto"))

@@ -10,6 +10,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,9 +196,107 @@ def test_each_process_takes_its_share_of_the_micro_batch_and_the_global_batch_is
         assert many["per_device_train_batch_size"] * n * many["steps_per_generation"] == \
             one["per_device_train_batch_size"] * one["steps_per_generation"]
         assert many["gradient_accumulation_steps"] == one["gradient_accumulation_steps"]
-        assert many["ddp_backend"] == "gloo" and many["ddp_timeout"] >= 3600
+        assert many["ddp_backend"] == "gloo" and many["ddp_timeout"] >= 3600 and "deepspeed" not in many
         assert {k: v for k, v in many.items() if k != "per_device_train_batch_size" and not k.startswith("ddp_")} \
             == {k: v for k, v in one.items() if k != "per_device_train_batch_size"}
+
+
+def test_zero2_gives_transformers_a_deepspeed_config_that_resolves_to_the_runs_own_settings(monkeypatch):
+    """--sharding zero2: each rank's GRPOConfig carries a ZeRO stage-2 DeepSpeed config whose "auto" values
+    transformers' own DeepSpeed integration (HfTrainerDeepSpeedConfig, as the Trainer uses it) fills with the run's
+    micro-batch share, accumulation, clipping and precision; no optimizer section, so DeepSpeed wraps the Trainer's
+    AdamW with the run's settings. (DeepSpeed itself needs CUDA: not run here.)"""
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from methods import get_method
+    s, method = spec(micro_batch=16, grad_accum=2, sharding="zero2"), get_method("kl_free_lora")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "deepspeed" not in engine.grpo_settings(s, method)  # a 1-process run (and the harness's dry run)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    settings = engine.grpo_settings(s, method)
+    ds = settings["deepspeed"]
+    assert ds["zero_optimization"]["stage"] == 2 and "optimizer" not in ds and "scheduler" not in ds
+    ddp = engine.grpo_settings(spec(micro_batch=16, grad_accum=2), method)
+    assert {k: v for k, v in settings.items() if k != "deepspeed"} == ddp  # nothing else differs from ddp
+    # the "auto" values as transformers resolves them against the run's GRPOConfig (built without the deepspeed
+    # field, which would import DeepSpeed; world size 1 in this process; bf16 as the harness sets it on CUDA, which
+    # transformers refuses to construct on a machine without a bf16 GPU)
+    monkeypatch.delenv("WORLD_SIZE")
+    args = engine.grpo_config(spec(micro_batch=8, grad_accum=2), method, "/nonexistent/x", [1.0], chat=False,
+                              use_cpu=True)
+    args.bf16 = engine.grpo_settings(s, method, use_cpu=False)["bf16"]
+    # transformers' resolver (trainer_config_process, as the Trainer calls it) on accelerate's config class, which
+    # transformers derives it from where DeepSpeed is installed; without transformers' constructor, which checks for
+    # the deepspeed package and registers the config globally (what a DeepSpeed run does)
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    class Resolver(HfTrainerDeepSpeedConfig, HfDeepSpeedConfig):
+        def __init__(self, config):
+            HfDeepSpeedConfig.__init__(self, config)
+            self._dtype, self.mismatches = None, []
+    resolved = Resolver(distributed.deepspeed_config(stage=2))
+    resolved.trainer_config_process(args)
+    config = resolved.config
+    assert config["train_micro_batch_size_per_gpu"] == 8 and config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 16 and config["gradient_clipping"] == 1.0
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False  # the harness's bf16 on CUDA
+    assert "auto" not in json.dumps(config)
+
+
+def test_sharding_is_part_of_the_key_unless_ddp():
+    """ddp (the default) leaves every run's key what it was before the setting existed; zero2 is another run
+    (DeepSpeed's bf16 weights and its own checkpoint format); the setting is recorded in the spec (config.json)."""
+    import hashlib
+
+    from bench.errors import BenchError
+    from bench.spec import NOT_IDENTITY, stored_key
+    from bench.variants import assign
+    ddp, zero2 = spec(), spec(sharding="zero2")
+    before = {k: v for k, v in ddp.to_dict().items() if k not in NOT_IDENTITY and k != "sharding"}
+    assert ddp.key() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert zero2.key() != ddp.key() and zero2.to_dict()["sharding"] == "zero2"
+    old_config = {"spec": {k: v for k, v in ddp.to_dict().items() if k != "sharding"}}  # recorded before
+    assert stored_key(old_config) == ddp.key()
+    # tables: an old run and a ddp run are one configuration, a zero2 run is a variant of its own
+    import pandas as pd
+    runs = pd.DataFrame({"key": ["old", "ddp", "zero2"], "method": ["kl_free_lora"] * 3, "status": ["ok"] * 3,
+                         "eval_n": [10] * 3})
+    specs = {"old": old_config["spec"], "ddp": ddp.to_dict(), "zero2": zero2.to_dict()}
+    digests = list(assign(runs, specs).config_digest)
+    assert digests[0] == digests[1] != digests[2]
+    with pytest.raises(BenchError, match="bad sharding 'deepspeed'; valid: ddp, zero2, zero3, fsdp"):
+        spec(sharding="deepspeed")
+
+
+def test_sharding_refusals(monkeypatch):
+    from bench import slurm
+    from bench.errors import BenchError
+    distributed.check_sharding([spec()], 1)  # ddp: nothing to check
+    for s in ("zero3", "fsdp"):
+        with pytest.raises(BenchError, match=f"--sharding {s}: partitions the parameters"):
+            distributed.check_sharding([spec(sharding=s)], 2, local=False)
+    with pytest.raises(BenchError, match="needs --nproc-per-run 2 or more"):
+        distributed.check_sharding([spec(sharding="zero2")], 1, local=False)
+    for method in ("proma", "geora+proma"):  # the method's own refusal (Method.refuses_sharding), in RunSpec
+        with pytest.raises(BenchError, match=f"--sharding zero2: method {re.escape(method)} cannot run with "
+                                             r"partitioned gradients: projects the running gradient sum that each "
+                                             r"weight's \.grad"):
+            spec(method=method, sharding="zero2")
+    distributed.check_sharding([spec(method="proma")], 2)  # ddp: any method
+    # on SLURM the task's node has the GPUs: only a cpu device and the package are checked from here
+    with pytest.raises(BenchError, match=r"needs CUDA \(accelerate runs DeepSpeed on GPUs only; device cpu\)"):
+        distributed.check_sharding([spec(sharding="zero2", device="cpu")], 2, local=False)
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
+                        real_find_spec(name, *a))
+    with pytest.raises(BenchError, match="^--sharding zero2 needs the deepspeed package"):
+        slurm.task_nproc({"gpus_per_node": 2}, None, [spec(sharding="zero2")])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else
+                        real_find_spec(name, *a))
+    assert slurm.task_nproc({"gpus_per_node": 2}, None, [spec(sharding="zero2")]) == 2  # would run there
+    with pytest.raises(BenchError, match="needs --nproc-per-run 2 or more"):
+        slurm.task_nproc({"gpus_per_node": 1}, None, [spec(sharding="zero2")])
 
 
 def test_nproc_checks():

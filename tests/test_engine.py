@@ -187,24 +187,39 @@ def test_trainer_loop_defers_old_logprobs_to_the_second_step(tmp_path, tiny):
 
 def test_trainer_loop_reads_kl_step_from_the_training_forward(tmp_path, tiny, monkeypatch):
     """In the Trainer's loop, every step's pre-step distribution comes from the training forward's hidden states
-    (no forward of its own), and kl_step is positive."""
-    trainer = _two_step_trainer(tmp_path, kl_step_seqs=4)
-    used, after = [], []
-    capture = trainer.step_kl.capture_before
-
-    def spy(model, batch, hidden=None):  # records whether the hidden states came along, then does the real work
-        used.append(hidden is not None)
-        return capture(model, batch, hidden=hidden)
-    monkeypatch.setattr(trainer.step_kl, "capture_before", spy)
+    (no forward of its own), and kl_step is positive. Where the optimizer steps inside the last micro-batch's
+    backward (DeepSpeed, --sharding zero2: capture_before_backward, forced on here, where DeepSpeed cannot run), the
+    pre-step distribution read ahead of that backward, by a forward of its own as with DeepSpeed's bf16 weights,
+    gives the same kl_step (a read after the optimizer step would give ~0)."""
     from transformers import TrainerCallback
 
-    class AfterStep(TrainerCallback):  # what the runner's MetricsCallback does after each optimizer step
-        def on_step_end(self, args, state, control, model=None, **kw):
-            after.append(trainer.step_kl.after_step(model))
-    trainer.add_callback(AfterStep())
-    trainer.train()
+    def train(trainer):
+        used, after = [], []
+        capture = trainer.step_kl.capture_before
+
+        def spy(model, batch, hidden=None):  # records whether the hidden states came along, then does the real work
+            used.append(hidden is not None)
+            return capture(model, batch, hidden=hidden)
+        monkeypatch.setattr(trainer.step_kl, "capture_before", spy)
+
+        class AfterStep(TrainerCallback):  # what the runner's MetricsCallback does after each optimizer step
+            def on_step_end(self, args, state, control, model=None, **kw):
+                after.append(trainer.step_kl.after_step(model)["kl_step"])
+        trainer.add_callback(AfterStep())
+        trainer.train()
+        return used, after
+    regular = _two_step_trainer(tmp_path / "regular", kl_step_seqs=4)
+    assert regular.capture_before_backward is False  # no DeepSpeed here
+    used, after = train(regular)
     assert used == [True, True]
-    assert len(after) == 2 and all(a["kl_step"] > 0 for a in after)
+    assert len(after) == 2 and all(a > 0 for a in after)
+    ahead = _two_step_trainer(tmp_path / "ahead", kl_step_seqs=4)  # (after the first has trained: one at a time)
+    ahead.capture_before_backward = True
+    monkeypatch.setattr(ahead.step_kl, "reads_hidden", lambda model, autocast=False: False)
+    used_ahead, after_ahead = train(ahead)
+    assert used_ahead == [False, False]
+    # the two reads differ by float32 summation order only (test_step_kl_reads_the_training_forward: < 1e-8 in KL)
+    assert after_ahead == pytest.approx(after, rel=1e-3)
 
 
 def test_step_kl_reads_hidden_only_where_it_equals_a_separate_forward(tiny):
@@ -272,3 +287,4 @@ def test_per_token_loss_hook_is_one_per_trainer(bench_and_batch):
             install_loss_hook(b.trainer, lambda trainer, terms: None)
     finally:
         b.trainer.loss_hook = None
+

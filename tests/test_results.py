@@ -116,7 +116,7 @@ def test_contract_ordering_without_a_model():
     """wrap_compute_loss nests wrappers, the last one outermost (as successive replacements of compute_loss did)."""
     from bench.engine import BenchGRPOTrainer
     calls = []
-    fake = SimpleNamespace(_loss_wrappers=[], forward_threads=None,
+    fake = SimpleNamespace(_loss_wrappers=[], forward_threads=None, capture_before_backward=False,
                            _threaded_compute_loss=lambda model, inputs: calls.append("trl") or inputs["x"])
 
     def wrapper(tag):

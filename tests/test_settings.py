@@ -17,11 +17,11 @@ OLD_DEFAULTS = {"methods": "all", "ranks": "4,16,64", "seeds": "0", "task": "syn
                 "data": None, "out": None, "steps": None, "lr": None, "alpha": None, "eval_size": None,
                 "device": "auto", "task_param": {}, "set": {}, "method_param": {}, "final_eval": None}
 NOT_SETTABLE = {"method", "rank", "seed", "task", "task_params", "model", "device", "method_params",
-                "tuning"}  # tuning: written by bench run --tune only
-# declared since: --lora-scaling (a sweep axis, bench.scaling), --report-to (bench.trackers), --nproc-per-run
-# (bench.distributed) and the --tune options (bench.tune)
-ADDED = {"lora_scaling": None, "report_to": None, "nproc_per_run": None, "lr_grid": None, "tune_steps": None,
-         "tune_seeds": None, "tune_metric": None}
+                "tuning", "sharding"}  # tuning: written by bench run --tune only; sharding: --sharding's own
+# declared since: --lora-scaling (a sweep axis, bench.scaling), --report-to (bench.trackers), --nproc-per-run and
+# --sharding (bench.distributed) and the --tune options (bench.tune)
+ADDED = {"lora_scaling": None, "report_to": None, "nproc_per_run": None, "sharding": "ddp", "lr_grid": None,
+         "tune_steps": None, "tune_seeds": None, "tune_metric": None}
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,8 @@ def test_defaults_and_set_keys_are_those_of_before():
     # the order of "valid: ..." in a bad config file's error
     assert [k for k in settings.defaults() if k not in ADDED] == list(OLD_DEFAULTS)
     assert set(settings.set_keys()) == {f.name for f in fields(RunSpec)} - NOT_SETTABLE
-    assert settings.always_options() == {"task": "task", "model": "model", "device": "device"}
+    assert settings.always_options() == {"task": "task", "model": "model", "device": "device",
+                                         "sharding": "sharding"}
     assert settings.given_options() == {"steps": ("steps", int), "lr": ("lr", float), "alpha": ("alpha", float),
                                         "eval_size": ("eval_size", int), "final_eval": ("final_eval", str)}
 
