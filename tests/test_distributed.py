@@ -81,11 +81,17 @@ def test_a_two_process_run_reports_to_tensorboard_from_rank_0_only(tmp_path, tin
 
 # What differs between the two runs is the order of float sums (the gradient all-reduce averages two half-batch sums;
 # each process left-pads its prompts to its own longest, which shifts rotary positions by a constant). Measured on a
-# 2-core CPU (torch 2.13, float32), 4 steps: loss, reward, reward_std and completion_length identical; grad_norm
-# within 1.8e-7 relative; kl_ref within 2.6e-5 relative (2e-9 absolute); entropy_probe within 6.3e-8 relative; the
-# trained adapter within 9.7e-7 absolute (weights up to 0.09; one Adam step moves a weight by up to lr = 1e-3).
+# 2-core CPU (torch 2.13, float32), 4 steps: reward, reward_std and completion_length identical; grad_norm
+# within 1.8e-7 relative; kl_ref within 2.6e-5 relative (2e-9 absolute) on an AMD EPYC and 5.7e-4 relative (3.8e-9
+# absolute) on an Intel Xeon; entropy_probe within 6.3e-8 relative; the trained adapter within 9.7e-7 absolute
+# (weights up to 0.09; one Adam step moves a weight by up to lr = 1e-3). kl_ref is about 7e-6 here, a second-order
+# function of the small weight change, so the weights' last-bit differences weigh more in it than in the others.
 # kl_step is not compared: it is measured on the step's first micro-batch, rank 0's alone (8 vs 4 rollouts).
 RTOL, ATOL = 1e-4, 1e-9      # metrics
+KL_RTOL = 2e-3               # kl_ref and kl_ref_k3 (a summed gradient, against averaged, would show in grad_norm)
+# GRPO's on-policy loss is zero up to rounding (zero-mean advantages times ratios of 1, summed): measured 0 on both
+# sides on the EPYC, 3.0e-8 vs 1.1e-8 on the Xeon; float32 rounding of its order-1 terms is about 1e-7
+LOSS_ATOL = 1e-6
 WEIGHTS_ATOL = 1e-5          # adapter weights: 1% of one Adam step
 
 
@@ -109,7 +115,9 @@ def test_two_processes_match_one_process_with_fixed_rollouts(tmp_path, tiny, wor
     for r1, r2 in zip(rows1, rows2):
         for key in compared:
             if key in r1 or key in r2:
-                assert r2[key] == pytest.approx(r1[key], rel=RTOL, abs=ATOL), (r1["step"], key, r1[key], r2[key])
+                rel = KL_RTOL if key.startswith("kl_ref") else RTOL
+                tol = LOSS_ATOL if key == "loss" else ATOL
+                assert r2[key] == pytest.approx(r1[key], rel=rel, abs=tol), (r1["step"], key, r1[key], r2[key])
     # a real signal: a gradient, rewards that vary (GRPO's loss itself is ~0 on-policy: advantages are zero-mean)
     assert any(r["grad_norm"] > 0 for r in rows1[1:]) and any(r["reward_std"] > 0 for r in rows1[1:])
     assert rows1[-1]["kl_ref"] > 0  # the policy moved
