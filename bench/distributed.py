@@ -188,7 +188,7 @@ def multiprocess_settings(on_cuda: bool, sharding: str = "ddp") -> dict:
         return {}
     out = {"ddp_timeout": int(TIMEOUT.total_seconds()), "ddp_backend": "nccl" if on_cuda else "gloo",
            "ddp_find_unused_parameters": False}
-    if sharding == "zero2":
+    if uses_deepspeed(sharding):
         out["deepspeed"] = deepspeed_config(stage=2)
     elif sharding != "ddp":
         raise BenchError(f"--sharding {sharding}: not supported (bench.distributed.check_sharding)")
