@@ -60,6 +60,13 @@ class PeakMemory:
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 
 
+def synchronize(device: str | None = None) -> None:
+    """Wait for the accelerator's queued kernels (timings read the clock after the work, not after its launch); a
+    no-op on CPU, where every kernel has finished when its call returns."""
+    if (device is None or str(device).startswith("cuda")) and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries: that variable's own entries where it is set
     (indices, GPU-/MIG- UUIDs), else every device CUDA reports; [] without CUDA."""

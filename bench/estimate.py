@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.defaults import load_tokenizer
-from bench.device import resolve_device
+from bench.device import resolve_device, synchronize
 from bench.errors import BenchError
 from bench.generation import format_prompts
 from bench.models import load_policy, uses_chat_template
@@ -96,18 +96,13 @@ def matmul_flops(device: str, seconds: float = 0.3) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
-    _sync(device)
+    synchronize(device)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
-        _sync(device)
+        synchronize(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _prompt_tokens(spec, tokenizer) -> float:
@@ -151,10 +146,10 @@ def _calibrate(est: Estimate, spec, device: str, full: bool) -> None:
     ids = torch.randint(0, vocab, (CALIBRATION_ROWS, prompt + budget), device=device)
 
     def timed(fn) -> float:
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - t0
 
     def train_pass():
@@ -192,14 +187,14 @@ def _decode_timing(model, vocab: int, rows: int, prompt: int, device: str) -> tu
     from transformers import DynamicCache
     ids = torch.randint(0, vocab, (rows, prompt), device=device)
     cache = DynamicCache(config=model.config)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    _sync(device)
+    synchronize(device)
     t1 = time.perf_counter()
     for _ in range(DECODE_STEPS):
         logits = model(input_ids=logits.argmax(-1)[:, None], cache=cache, use_cache=True).logits[:, -1]
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - t1) / DECODE_STEPS, t1 - t0
 
 

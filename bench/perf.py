@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bench.device import synchronize
 from bench.io import atomic_write_json
 
 
@@ -109,11 +110,6 @@ def _padded(ids: torch.Tensor, pad: int, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad)
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _rows(spec) -> list[dict]:
     from tasks import get_task
     n_prompts = 2 * spec.micro_batch * spec.grad_accum // spec.num_generations
@@ -135,15 +131,15 @@ def method_step_ratios(methods: list[str], spec, model_name: str, device: str, r
         order = benches if rep % 2 else benches[::-1]  # alternate the order: drift hits every method alike
         for b in order:
             b.reset()
-            _sync()
+            synchronize()
             t0 = time.perf_counter()
             batch = b.generation_batch(seed + rep)
-            _sync()
+            synchronize()
             t1 = time.perf_counter()
             with PeakMemory(device) as peak:
                 base = torch.cuda.memory_allocated() if device.startswith("cuda") else peak.peak
                 b.update(batch)
-            _sync()
+            synchronize()
             t2 = time.perf_counter()
             tokens = torch.cat([_padded(mb["completion_ids"], b.tokenizer.pad_token_id, spec.max_completion_length)
                                 for mb in batch])
@@ -184,7 +180,7 @@ def generation_vs_generate(spec, model_name: str, device: str, reps: int, log=pr
     for rep in range(reps + 1):
         for side in (("harness", "generate") if rep % 2 else ("generate", "harness")):
             set_seed(rep)
-            _sync()
+            synchronize()
             t0 = time.perf_counter()
             if side == "harness":
                 out = b.trainer._generate(prompts)
@@ -201,7 +197,7 @@ def generation_vs_generate(spec, model_name: str, device: str, reps: int, log=pr
                 keep = completion_mask(comp, b.tokenizer.eos_token_id).bool()
                 n = int(keep.sum())
                 reference = [c[m].tolist() for c, m in zip(comp, keep)]
-            _sync()
+            synchronize()
             if rep:
                 times[side].append(time.perf_counter() - t0)
                 tokens[side].append(n)
@@ -279,10 +275,10 @@ def eval_cost(spec, model_name: str, device: str, reps: int, log=print, old_n: i
     wall, cpu, texts = {k: [] for k in sides}, {k: [] for k in sides}, {}
     for rep in range(reps + 1):  # rep 0 is the warm-up
         for name in (list(sides) if rep % 2 else list(sides)[::-1]):
-            _sync()
+            synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
             texts[name] = sides[name]()
-            _sync()
+            synchronize()
             if rep:
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
