@@ -23,7 +23,10 @@ matmuls (compute-bound), the attention's small batched matmuls (bound by reading
 exponential draws (`torch.multinomial`, the same in `generate`), together about 70%; the rest is elementwise kernels
 and dispatch. torch.compile of the step was measured and is not used: compiling took 3-10 s (about a run's whole
 generation time on this model) and the compiled step was not faster (its matmuls stay library calls), with floats that
-differ from eager in the last bits.
+differ from eager in the last bits. Also measured and not used (greedy eval, 1000 items, same tokens): continuous
+batching (the next prompts taking finished rows' places) cost 16% more, since rows sharing one column index attend over
+the longest row's span and each admission copies the cache; keys stored transposed, and rotate_half as a roll, were
+not faster in the whole step.
 The floats of a step can differ from `generate`'s in the last bits (matmul shapes: fewer rows, grouped heads), so a
 token can differ only where two candidates nearly tie; tests/test_decode.py checks logits and tokens against
 transformers. Unsupported architectures or settings fall back to transformers (`unsupported`).
