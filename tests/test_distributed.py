@@ -349,13 +349,6 @@ def test_vllm_server_address_is_checked_and_not_part_of_the_key():
             spec(vllm_server=bad)
 
 
-def bench(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-
-
-@pytest.mark.slow  # starts the CLI in a subprocess
 @pytest.mark.parametrize("args,fragments", [
     (["--nproc-per-run", "3"], ["--nproc-per-run 3: micro_batch 16 is not divisible by 3"]),
     (["--nproc-per-run", "0"], ["bad --nproc-per-run '0'"]),
@@ -365,8 +358,8 @@ def bench(*args):
     (["--set", "vllm_mode=server"], ["vllm_mode server", "vLLM is not installed"]),
     (["--set", "vllm_mode=remote"], ["bad vllm_mode 'remote'"]),
 ])
-def test_refusals_are_one_line(tmp_path, args, fragments):
-    r = bench("run", "--methods", "kl_free_lora", "--ranks", "4", "--steps", "1", "--out", str(tmp_path / "out"),
+def test_refusals_are_one_line(tmp_path, cli, args, fragments):
+    r = cli("run", "--methods", "kl_free_lora", "--ranks", "4", "--steps", "1", "--out", str(tmp_path / "out"),
               *args)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
