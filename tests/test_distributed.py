@@ -173,14 +173,16 @@ def test_a_stop_request_on_one_rank_stops_all_at_a_boundary_and_resumes_identica
     generation-batch boundary with a checkpoint; re-running resumes to the metrics of the uninterrupted run."""
     monkeypatch.setattr(distributed, "WORKER", [str(HERE / "_ddp_fixed.py")])
     monkeypatch.setenv("BENCH_TEST_FIXED", "0")
-    s = spec(steps=6, checkpoint_every=100)
-    monkeypatch.setenv("BENCH_TEST_STOP", f"{asked}:3")
+    # TRL generates every 2 optimizer steps here (at steps 1 and 3): asked at step 1, mid-batch, all ranks stop
+    # after step 2; the resumed run generates afresh at step 3
+    s = spec(steps=4, checkpoint_every=100)
+    monkeypatch.setenv("BENCH_TEST_STOP", f"{asked}:1")
     cut = run_one(s, tmp_path / "cut", progress=False, nproc=2)
-    assert cut["status"] == "preempted" and "step 4" in cut["error"], cut
-    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-4").is_dir()
+    assert cut["status"] == "preempted" and "step 2" in cut["error"], cut
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2").is_dir()
     monkeypatch.delenv("BENCH_TEST_STOP")
     resumed = run_one(s, tmp_path / "cut", progress=False, nproc=2)
-    assert resumed["status"] == "ok" and resumed["resumed_from"] == "checkpoint-4", resumed
+    assert resumed["status"] == "ok" and resumed["resumed_from"] == "checkpoint-2", resumed
     whole = run_one(s, tmp_path / "whole", progress=False, nproc=2)
     assert _strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == _strip(read_jsonl(tmp_path / "whole" /
                                                                                        "metrics.jsonl"))
