@@ -1,12 +1,14 @@
 """Multi-process runs (bench.distributed): 2 processes over gloo on CPU, on the embedded model.
 
-- a 2-process run completes through the harness, rank 0 alone writes whole files, and world size is recorded;
+- a 2-process run completes through the harness, rank 0 alone writes whole files (its TensorBoard events
+  included), and world size is recorded;
 - with the rollouts fixed (tests/_ddp_fixed.py: the same completions whatever the process layout, one optimizer step
   per generation batch) the 2-process run matches the 1-process run with the same global batch, step by step;
 - DDP's wrap gives every rank rank 0's weights, the frozen residual base weights of an SVD init included;
 - a failing process makes the run `failed` and the sweep goes on;
 - refusals are one line and exit code 2.
 """
+import importlib.util
 import json
 import math
 import os
@@ -43,8 +45,12 @@ def spec(**kw) -> RunSpec:
 # kl_free_lora: test_two_processes_match_one_process_with_fixed_rollouts (CI time)
 @pytest.mark.parametrize("method", ["proma", "geora"])
 def test_two_process_run_completes_and_rank0_writes_whole_files(tmp_path, tiny, worker_env, method):
+    """...and reports to TensorBoard from rank 0 only (where tensorboard is installed: the test extra has it)."""
+    from bench.trackers import make_tracking
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
     s = spec(method=method)
-    summary = run_one(s, tmp_path / s.run_id, progress=False, nproc=2)
+    summary = run_one(s, tmp_path / s.run_id, progress=False, nproc=2,
+                      tracking=make_tracking("tensorboard", tmp_path) if tensorboard else None)
     run_dir = tmp_path / s.run_id
     assert summary["status"] == "ok", summary
     assert summary["world_size"] == 2 and read_json(run_dir / "summary.json") == summary
@@ -60,23 +66,15 @@ def test_two_process_run_completes_and_rank0_writes_whole_files(tmp_path, tiny, 
     # nothing left of the launch, no rank's error, no temporary file
     leftovers = {p.name for p in run_dir.iterdir()} - {"config.json", "metrics.jsonl", "summary.json", "adapter",
                                                         "eval_base.jsonl", "eval_final.jsonl", ".lock", "run.log",
-                                                        "adapter_init"}
+                                                        "adapter_init", *(["tensorboard"] if tensorboard else [])}
     assert not leftovers, leftovers
-
-
-def test_a_two_process_run_reports_to_tensorboard_from_rank_0_only(tmp_path, tiny, worker_env):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from bench.trackers import make_tracking
-    s = spec(steps=2)
-    summary = run_one(s, tmp_path / s.run_id, progress=False, nproc=2, tracking=make_tracking("tensorboard", tmp_path))
-    assert summary["status"] == "ok", summary
-    events = list((tmp_path / s.run_id).rglob("events.out.tfevents*"))
-    assert len(events) == 1, events  # one writer: rank 0
-    ea = EventAccumulator(str(events[0]))
-    ea.Reload()
-    assert {"train/bench/kl_ref", "train/bench/kl_step"} <= set(ea.Tags()["scalars"])
+    if tensorboard:  # (formerly its own 2-process run: CI time)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = list(run_dir.rglob("events.out.tfevents*"))
+        assert len(events) == 1, events  # one writer: rank 0
+        ea = EventAccumulator(str(events[0]))
+        ea.Reload()
+        assert {"train/bench/kl_ref", "train/bench/kl_step"} <= set(ea.Tags()["scalars"])
 
 
 # What differs between the two runs is the order of float sums (the gradient all-reduce averages two half-batch sums;
