@@ -36,3 +36,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tiny" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+class CliResult:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capfd):
+    """`bench ARGS` run in this process through bench.cli.main (as tests/test_bad_inputs.py does): its exit code and
+    what it wrote to stdout and stderr, captured at the file-descriptor level (warnings and library logging too).
+    A fresh `python -m bench.cli` costs ~7 s of imports (torch, transformers, TRL) per call; the module entry point
+    itself is started in subprocesses by tests/test_cli.py. Environment variables and torch's thread count are
+    restored after each call, so one command's settings never leak into the next test."""
+    import torch
+
+    from bench.cli import main
+
+    def run(*args) -> CliResult:
+        capfd.readouterr()
+        environ, threads = dict(os.environ), torch.get_num_threads()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors (bench.cli.OneLineParser) and --help
+            code = e.code
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
+            torch.set_num_threads(threads)
+        out, err = capfd.readouterr()
+        return CliResult(code, out, err)
+    return run

@@ -1,4 +1,6 @@
-"""The CLI: bad input is one line on stderr and exit code 2, before any training; a tiny sweep end to end."""
+"""The CLI: bad input is one line on stderr and exit code 2, before any training; a tiny sweep end to end. The bad
+inputs run in-process (the `cli` fixture, tests/conftest.py); the module entry point `python -m bench.cli` is
+started in subprocesses here, once for a bad input and once for `bench list`."""
 import json
 import os
 import subprocess
@@ -10,10 +12,11 @@ import pytest
 from bench.cli import main
 
 
-def bench(*args, cwd=None):
+def bench(*args):
+    """`python -m bench.cli ARGS` in a fresh process: the entry point, with its imports' own output on stderr."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
+                          timeout=600)
 
 
 def assert_one_line_error(result, *fragments):
@@ -25,6 +28,12 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.mark.slow  # starts the CLI in a subprocess
+def test_module_entry_point_bad_input_is_one_line_and_exit_2():
+    """A fresh process that imports the method registry (torch, transformers, TRL, PEFT) before refusing: nothing
+    but the one line on stderr."""
+    assert_one_line_error(bench("run", "--methods", "nope"), "unknown method 'nope'", "kl_free_lora", "kl_grpo")
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["run", "--methods", "nope"], ["unknown method 'nope'", "kl_free_lora", "kl_grpo"]),
     (["run", "--ranks", "0"], ["bad rank 0"]),
@@ -45,15 +54,14 @@ def assert_one_line_error(result, *fragments):
     (["run", "--methods", "proma+kl"], ["cannot compose proma+kl: both set beta"]),
     (["perf", "--methods", "proma"], ["--methods needs a baseline"]),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, fragments):
-    assert_one_line_error(bench(*args), *fragments)
+def test_bad_input_is_one_line_and_exit_2(cli, args, fragments):
+    assert_one_line_error(cli(*args), *fragments)
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
 @pytest.mark.parametrize("name,value", [("BENCH_NUM_THREADS", "two"), ("BENCH_FORWARD_THREADS", "0")])
-def test_bad_thread_count_in_the_environment(tmp_path, monkeypatch, name, value):
+def test_bad_thread_count_in_the_environment(tmp_path, monkeypatch, cli, name, value):
     monkeypatch.setenv(name, value)
-    assert_one_line_error(bench("run", "--out", str(tmp_path / "out")), f"bad {name} '{value}'", "positive integer")
+    assert_one_line_error(cli("run", "--out", str(tmp_path / "out")), f"bad {name} '{value}'", "positive integer")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -70,41 +78,37 @@ def test_method_params_go_to_the_methods_that_have_them():
         method_params_per_method(methods, {"proma.cap": -1})
 
 
-def test_rank_larger_than_smallest_matrix(tmp_path, tiny):
-    r = bench("run", "--ranks", "65", "--out", str(tmp_path / "s"))
+def test_rank_larger_than_smallest_matrix(tmp_path, tiny, cli):
+    r = cli("run", "--ranks", "65", "--out", str(tmp_path / "s"))
     assert_one_line_error(r, "bad rank 65", "smallest targeted matrix dimension (64)")
     assert not list((tmp_path / "s").glob("*/metrics.jsonl"))  # nothing trained
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_unknown_model_lists_embedded_ones(tmp_path):
-    assert_one_line_error(bench("run", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")),
+def test_unknown_model_lists_embedded_ones(tmp_path, cli):
+    assert_one_line_error(cli("run", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")),
                           "cannot load model", "tiny")
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_unwritable_output_directory(tmp_path):
+def test_unwritable_output_directory(tmp_path, cli):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_one_line_error(bench("run", "--out", str(blocker / "sub")), "not writable")
+    assert_one_line_error(cli("run", "--out", str(blocker / "sub")), "not writable")
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_malformed_data_file(tmp_path):
+def test_malformed_data_file(tmp_path, cli):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
-    assert_one_line_error(bench("run", "--task", "gsm8k", "--data", str(bad), "--out", str(tmp_path / "o")),
+    assert_one_line_error(cli("run", "--task", "gsm8k", "--data", str(bad), "--out", str(tmp_path / "o")),
                           f"{bad}:2", "'answer'")
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
 @pytest.mark.parametrize("text,fragment", [("methods: [kl_grpo]\nbogus_key: 1\n", "unknown key 'bogus_key'"),
                                            ("methods: [kl_grpo\n", "bad YAML"),
                                            ("- just\n- a list\n", "expected a mapping")])
-def test_bad_config_file(tmp_path, text, fragment):
+def test_bad_config_file(tmp_path, cli, text, fragment):
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(text)
-    assert_one_line_error(bench("run", "--config", str(cfg)), str(cfg), fragment)
+    assert_one_line_error(cli("run", "--config", str(cfg)), str(cfg), fragment)
 
 
 @pytest.mark.slow  # starts the CLI in a subprocess

@@ -1,8 +1,6 @@
 """bench.estimate: the arithmetic bound, the refusal of a sweep beyond the device (a 7B Llama's configuration on this
 CPU: no weights needed), and the calibrated figure against a real run of the tiny model."""
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -47,11 +45,9 @@ def test_a_7b_model_on_cpu_is_refused_unless_yes(llama_7b):
     check_feasible(est, yes=True)
 
 
-def test_cli_refuses_in_one_line_with_exit_2(llama_7b, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", str(llama_7b), "--methods",
-                          "kl_free_lora", "--ranks", "4", "--device", "cpu", "--steps", "400",
-                          "--out", str(tmp_path / "sweep")],
-                         capture_output=True, text=True, timeout=600)
+def test_cli_refuses_in_one_line_with_exit_2(llama_7b, tmp_path, cli):
+    out = cli("run", "--model", llama_7b, "--methods", "kl_free_lora", "--ranks", "4", "--device", "cpu",
+              "--steps", "400", "--out", tmp_path / "sweep")
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench: error: at least ") and "--yes" in lines[0]

@@ -5,7 +5,7 @@ from bench.evaluate import evaluate_run, local_task_yaml
 from bench.io import read_json
 from bench.runner import run_one
 from bench.spec import RunSpec
-from tests.test_cli import assert_one_line_error, bench
+from tests.test_cli import assert_one_line_error
 
 SMALL = dict(steps=2, probe_size=2, kl_step_seqs=2, max_completion_length=48, checkpoint_every=2)
 
@@ -36,6 +36,5 @@ def test_harness_accuracy_equals_lm_eval_strict_match(tmp_path, tiny, method):
     assert again["n"] == 20 and read_json(tmp_path / "run" / "summary.json")["lm_eval"]["n"] == 20
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_eval_bad_input(tmp_path):
-    assert_one_line_error(bench("eval", str(tmp_path)), "not a run directory")
+def test_eval_bad_input(tmp_path, cli):
+    assert_one_line_error(cli("eval", str(tmp_path)), "not a run directory")

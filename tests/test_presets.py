@@ -9,7 +9,7 @@ import pytest
 from bench.config import build_specs, load_config_file, preset_names, preset_path, resolve_run_options
 from bench.errors import BenchError
 from bench.runner import run_one
-from tests.test_cli import assert_one_line_error, bench
+from tests.test_cli import assert_one_line_error
 
 GSM8K_LINES = [  # GSM8K's own format: question, answer with <<calc>> annotations and '#### N'
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
@@ -20,11 +20,10 @@ GSM8K_LINES = [  # GSM8K's own format: question, answer with <<calc>> annotation
 ]
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_presets_are_listed():
+def test_presets_are_listed(cli):
     names = preset_names()
     assert {"qwen3-0.6b-gsm8k", "rottman-kl-rank", "proma-gsm8k", "geora"} <= set(names)
-    r = bench("list")
+    r = cli("list")
     assert r.returncode == 0
     for name in names:
         assert name in r.stdout
@@ -60,9 +59,8 @@ def test_preset_code_path_on_the_tiny_model(tmp_path, tiny, name):
     assert ran == len({s.method for s in specs})
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_unknown_preset_and_unknown_preset_key(tmp_path, monkeypatch):
-    assert_one_line_error(bench("run", "--preset", "nope"), "unknown preset 'nope'", "proma-gsm8k")
+def test_unknown_preset_and_unknown_preset_key(tmp_path, monkeypatch, cli):
+    assert_one_line_error(cli("run", "--preset", "nope"), "unknown preset 'nope'", "proma-gsm8k")
     import bench.config as config
     (tmp_path / "bad.yaml").write_text("model: tiny\nlearning_rate: 0.1\n")
     monkeypatch.setattr(config, "PRESETS", tmp_path)

@@ -306,10 +306,9 @@ def test_proma_refuses_settings_that_break_the_advantage_one_trick(method, grpo,
     RunSpec(method=method, rank=4, grpo={"loss_type": "bnpo", "weight_decay": 0.01})  # aggregation is free
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_proma_refusal_is_a_one_line_cli_error():
-    from tests.test_cli import assert_one_line_error, bench
-    assert_one_line_error(bench("run", "--methods", "proma", "--set", "grpo={epsilon_high: 0.28}"),
+def test_proma_refusal_is_a_one_line_cli_error(cli):
+    from tests.test_cli import assert_one_line_error
+    assert_one_line_error(cli("run", "--methods", "proma", "--set", "grpo={epsilon_high: 0.28}"),
                           "PROMA cannot run with ratio clipping", "epsilon_high=0.28")
 
 

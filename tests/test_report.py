@@ -108,8 +108,8 @@ def test_leaderboard_intervals_columns_failed_and_merge(sweep, tmp_path):
     assert len(board) == 15 and set(board.variant) == {""} and set(board.n_seeds) == {3}
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_different_settings_never_merge(tmp_path):
+@pytest.mark.slow  # renders a report (plots)
+def test_different_settings_never_merge(tmp_path, cli):
     """Two sweeps that differ only in --set grpo=... (and a third in --lr) stay apart, labelled by the setting."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for seed in (0, 1, 2):
@@ -126,7 +126,7 @@ def test_different_settings_never_merge(tmp_path):
     for d in (b, c):
         for run in d.iterdir():
             shutil.copytree(run, a / (run.name + f"_{d.name}"))  # one directory holding all three
-    r = bench("report", str(a))
+    r = cli("report", str(a))
     assert r.returncode == 0, r.stderr
     tables = (a / "tables.md").read_text()
     assert "| kl_free_lora (grpo.epsilon=0.3, lr=0.001) | 0.510 [" in tables
@@ -135,13 +135,13 @@ def test_different_settings_never_merge(tmp_path):
     assert csv.config_digest.nunique() == 3 and csv.variant.nunique() == 3
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_cells_without_enough_seeds_say_so(tmp_path):
+@pytest.mark.slow  # renders a report (plots)
+def test_cells_without_enough_seeds_say_so(tmp_path, cli):
     small = tmp_path / "small"
     _write_run(small, "kl_free_lora", 4, 0, accuracy=0.41, kl_ref=0.01)
     _write_run(small, "kl_free_lora", 4, 1, accuracy=0.43, kl_ref=0.02)
     _write_run(small, "kl_grpo", 4, 0, accuracy=0.40, kl_ref=0.01)
-    r = bench("report", str(small))
+    r = cli("report", str(small))
     assert r.returncode == 0, r.stderr
     tables = (small / "tables.md").read_text()
     assert "| 0.420 [n < 3: no interval] (2) |" in tables and "| 0.400 [n < 3: no interval] (1) |" in tables
@@ -149,11 +149,11 @@ def test_cells_without_enough_seeds_say_so(tmp_path):
     assert board.accuracy_ci_low.isna().all()  # too few seeds: empty, not a made-up interval
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_old_sweep_without_item_records_and_corrupt_ones(sweep):
+@pytest.mark.slow  # renders a report (plots)
+def test_old_sweep_without_item_records_and_corrupt_ones(sweep, cli):
     for f in sweep.glob("*/eval_final.jsonl"):
         f.unlink()  # a sweep from before per-item records
-    r = bench("report", str(sweep))
+    r = cli("report", str(sweep))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     tables = (sweep / "tables.md").read_text()
     assert "Paired statistics skipped: no run has per-item eval records (eval_final.jsonl" in tables
@@ -162,16 +162,16 @@ def test_old_sweep_without_item_records_and_corrupt_ones(sweep):
     (sweep / "kl_grpo_r4_s0" / "eval_final.jsonl").write_text(json.dumps({"id": "a", "correct_strict": "yes"}) + "\n")
     (sweep / "kl_grpo_r4_s1" / "eval_final.jsonl").write_text("[1, 2]\n")
     (sweep / "kl_grpo_r4_s2" / "eval_final.jsonl").write_text("{torn")
-    r = bench("report", str(sweep))
+    r = cli("report", str(sweep))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # reported; three files skipped
     skipped = [ln for ln in r.stderr.splitlines() if ln.startswith("bench: skipped:")]
     assert len(skipped) == 3 and all("eval_final.jsonl: unreadable" in ln for ln in skipped)
     assert "ok runs have no readable eval_final.jsonl" in (sweep / "tables.md").read_text()
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_report_files_reproducible_and_bad_input(sweep, tmp_path):
-    r = bench("report", str(sweep))
+@pytest.mark.slow  # renders a report (plots) and starts the CLI in a subprocess
+def test_report_files_reproducible_and_bad_input(sweep, tmp_path, cli):
+    r = cli("report", str(sweep))
     assert r.returncode == 0, r.stderr
     plots = ("kl_vs_rank", "accuracy_vs_kl", "kl_step_curves", "entropy_curves", "reward_curves",
              "performance_profile", "probability_of_improvement", "wall_clock_phases")
@@ -188,24 +188,25 @@ def test_report_files_reproducible_and_bad_input(sweep, tmp_path):
     assert html.count("<img ") == 8 and "data:image/png;base64," in html and "Run configuration" in html
     assert "http://" not in html and "https://" not in html  # self-contained
     first = {f: (sweep / f).read_text() for f in ("tables.md", "claims.md", "summary.csv")}
+    # re-run in a fresh process (its own hash seed, so set and dict orders differ if anything depends on them)
     assert bench("report", str(sweep)).returncode == 0
     assert first == {f: (sweep / f).read_text() for f in first}  # identical when re-run (fixed bootstrap seed)
-    assert bench("report", str(sweep), "--margin", "0").returncode == 2
+    assert cli("report", str(sweep), "--margin", "0").returncode == 2
     (sweep / "pissa_r4_s0" / "summary.json").write_text("{not json")
     (sweep / "junk_dir").mkdir()
     (sweep / "junk_dir" / "config.json").write_text("{}")
-    r = bench("report", str(sweep))
+    r = cli("report", str(sweep))
     assert r.returncode == 1  # reported, but something was skipped
     skipped = [ln for ln in r.stderr.splitlines() if ln.startswith("bench: skipped:")]
     assert any("pissa_r4_s0/summary.json: unreadable" in ln for ln in skipped)
     assert any("junk_dir/summary.json: missing" in ln for ln in skipped)
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = bench("report", str(empty))
+    r = cli("report", str(empty))
     assert r.returncode == 2 and "no run directories" in r.stderr and "nothing to report" in r.stderr
-    r = bench("leaderboard", str(empty), "--csv", str(tmp_path / "lb.csv"))
+    r = cli("leaderboard", str(empty), "--csv", str(tmp_path / "lb.csv"))
     assert r.returncode == 2 and not (tmp_path / "lb.csv").exists()
-    r = bench("leaderboard", str(sweep), "--csv", str(tmp_path / "lb.csv"))
+    r = cli("leaderboard", str(sweep), "--csv", str(tmp_path / "lb.csv"))
     assert r.returncode == 1 and len(pd.read_csv(tmp_path / "lb.csv")) == 15
 
 
@@ -249,18 +250,18 @@ def test_rank_claim_supported_and_reversed_contradicted(tmp_path):
 
 
 @pytest.mark.slow
-def test_rank_claim_on_real_run_directories(tmp_path, tiny):
+def test_rank_claim_on_real_run_directories(tmp_path, tiny, cli):
     """The issue's must-hold: a real (tiny) run, copied to 3 ranks x 3 seeds with kl_ref edited: supported, and
     with kl_ref reversed, contradicted."""
     out = tmp_path / "real"
-    r = bench("run", "--methods", "kl_free_lora", "--ranks", "4", "--steps", "1", "--eval-size", "8",
+    r = cli("run", "--methods", "kl_free_lora", "--ranks", "4", "--steps", "1", "--eval-size", "8",
               "--set", "max_completion_length=40", "--set", "probe_size=4", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     template = out / "kl_free_lora_r4_s0"
     assert _summary(template)["status"] == "ok"
     lines = []
     for sweep_dir in _rank_sweeps(template, tmp_path):
-        r = bench("report", str(sweep_dir))
+        r = cli("report", str(sweep_dir))
         assert r.returncode == 0, r.stderr
         lines.append(_claim_line(r.stdout, "grows with LoRA rank"))
         assert "kl_ref vs rank: Spearman rho" in (sweep_dir / "claims.md").read_text()

@@ -92,16 +92,15 @@ def _results(out):
 
 
 @pytest.mark.slow
-def test_a_run_held_by_another_process_is_left_untouched(tmp_path, tiny):
+def test_a_run_held_by_another_process_is_left_untouched(tmp_path, tiny, cli):
     out = tmp_path / "out"
     run_dir = out / "kl_free_lora_r4_s0"
     child = _holder_process(run_dir)  # another invocation, e.g. in this run's final eval
     try:
-        cli = _bench(RUN[:6] + ["0"] + RUN[7:] + ["--out", str(out)])
-        stdout, stderr = cli.communicate(timeout=600)
-        assert cli.returncode == 0, stderr[-2000:]
-        assert f"being run by another process (pid {child.pid}" in stderr
-        assert "1 run(s) left to another process" in stdout
+        r = cli(*RUN[:6], "0", *RUN[7:], "--out", out)  # in this process: the holder is the other one
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"being run by another process (pid {child.pid}" in r.stderr
+        assert "1 run(s) left to another process" in r.stdout
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written into it
     finally:
         child.send_signal(signal.SIGKILL)
@@ -109,9 +108,9 @@ def test_a_run_held_by_another_process_is_left_untouched(tmp_path, tiny):
 
 
 @pytest.mark.slow
-def test_two_concurrent_invocations_equal_one(tmp_path, tiny):
-    alone = _bench(RUN + ["--out", str(tmp_path / "alone")])
-    assert alone.wait(timeout=900) == 0, alone.stderr.read()[-2000:]
+def test_two_concurrent_invocations_equal_one(tmp_path, tiny, cli):
+    alone = cli(*RUN, "--out", tmp_path / "alone")  # the same command alone, in this process
+    assert alone.returncode == 0, alone.stderr[-2000:]
     first = _bench(RUN + ["--out", str(tmp_path / "both")])
     time.sleep(1.0)
     second = _bench(RUN + ["--out", str(tmp_path / "both")])

@@ -1,5 +1,6 @@
 """End-to-end runs on the embedded tiny model with a tiny budget: names, statuses, determinism, resume."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -23,8 +24,29 @@ def _rows(tmp_path, name="run"):
     return read_jsonl(tmp_path / name / "metrics.jsonl")
 
 
-def test_kl_free_run_writes_all_metrics(tmp_path, tiny):
-    spec, s = _run(tmp_path, tiny)
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory, tiny):
+    """The default small run (kl_free_lora, 2 steps), run once for the tests that only read it: (folder, summary);
+    its run directory is folder / "run"."""
+    folder = tmp_path_factory.mktemp("two_steps")
+    return folder, _run(folder, tiny)[1]
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory, tiny):
+    """The same run with 1 step: (folder, summary); tests that change its run directory copy it first."""
+    folder = tmp_path_factory.mktemp("one_step")
+    return folder, _run(folder, tiny, steps=1)[1]
+
+
+def _copy(run, tmp_path):
+    """A test's own copy of a module fixture's run directory, at tmp_path / "run"."""
+    shutil.copytree(run[0] / "run", tmp_path / "run")
+    return run[1]
+
+
+def test_kl_free_run_writes_all_metrics(two_steps):
+    tmp_path, s = two_steps
     assert s["status"] == "ok", s.get("error")
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -46,13 +68,12 @@ def test_kl_free_run_writes_all_metrics(tmp_path, tiny):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_trainable_params_equal_lora_count(tmp_path, tiny):
+def test_trainable_params_equal_lora_count(tiny, one_step):
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(tiny)
     expected = sum(4 * (m.in_features + m.out_features) for n, m in base.named_modules()
                    if isinstance(m, torch.nn.Linear) and n.split(".")[-1].endswith("proj"))
-    _, s = _run(tmp_path, tiny, steps=1)
-    assert s["trainable_params"] == expected
+    assert one_step[1]["trainable_params"] == expected
 
 
 def test_kl_grpo_runs_reference_forwards_and_logs_trl_kl(tmp_path, tiny):
@@ -66,24 +87,24 @@ def test_kl_grpo_runs_reference_forwards_and_logs_trl_kl(tmp_path, tiny):
     assert abs(rows[0]["kl_ref"]) < 1e-6 and rows[-1]["kl_ref"] > 0
 
 
-def test_same_seed_same_metrics(tmp_path, tiny):
-    _run(tmp_path, tiny, name="a")
+def test_same_seed_same_metrics(tmp_path, tiny, two_steps):
+    a = _rows(two_steps[0])  # the same spec, run earlier in this process
     _run(tmp_path, tiny, name="b")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
-    assert strip(_rows(tmp_path, "a")) == strip(_rows(tmp_path, "b"))
+    assert strip(a) == strip(_rows(tmp_path, "b"))
     _run(tmp_path, tiny, name="c", seed=1)
-    assert strip(_rows(tmp_path, "c")) != strip(_rows(tmp_path, "a"))
+    assert strip(_rows(tmp_path, "c")) != strip(a)
 
 
-def test_finished_run_is_skipped(tmp_path, tiny):
-    _, first = _run(tmp_path, tiny, steps=1)
+def test_finished_run_is_skipped(tmp_path, tiny, one_step):
+    first = _copy(one_step, tmp_path)
     _, again = _run(tmp_path, tiny, steps=1)
     assert again == first  # read back, not re-run
 
 
-def test_changed_configuration_in_same_directory_is_refused(tmp_path, tiny):
+def test_changed_configuration_in_same_directory_is_refused(tmp_path, tiny, one_step):
     from bench.errors import BenchError
-    _run(tmp_path, tiny, steps=1)
+    _copy(one_step, tmp_path)
     with pytest.raises(BenchError, match="different configuration"):
         _run(tmp_path, tiny, steps=2)
 
@@ -217,10 +238,10 @@ def test_runs_write_per_item_eval_records_also_from_the_memo(tmp_path, tiny, mon
 
 
 @pytest.mark.slow
-def test_a_run_directory_without_eval_records_still_works(tmp_path, tiny):
+def test_a_run_directory_without_eval_records_still_works(tmp_path, tiny, one_step):
     from bench.errors import BenchError
     from bench.evaluate import eval_records, evaluate_run
-    _, s = _run(tmp_path, tiny, steps=1)
+    s = _copy(one_step, tmp_path)
     for phase in ("base", "final"):  # as written before the records existed
         (tmp_path / "run" / f"eval_{phase}.jsonl").unlink()
         assert eval_records(tmp_path / "run", phase) is None

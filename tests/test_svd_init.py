@@ -124,11 +124,10 @@ def test_quantile_works_past_torch_quantile_limit():
     assert abs_quantile(big, 0.5) == float(np.ceil(0.5 * big.numel()) - 1)
 
 
-@pytest.mark.slow  # starts the CLI in a subprocess
-def test_bad_rho_is_a_one_line_error():
-    from tests.test_cli import assert_one_line_error, bench
-    assert_one_line_error(bench("run", "--methods", "geora", "--method-param", "rho=1.5"), "bad rho 1.5")
-    assert_one_line_error(bench("run", "--methods", "milora", "--method-param", "rho=0.3"),
+def test_bad_rho_is_a_one_line_error(cli):
+    from tests.test_cli import assert_one_line_error
+    assert_one_line_error(cli("run", "--methods", "geora", "--method-param", "rho=1.5"), "bad rho 1.5")
+    assert_one_line_error(cli("run", "--methods", "milora", "--method-param", "rho=0.3"),
                           "--method-param rho: no method of this sweep has a parameter 'rho'")
 
 
