@@ -21,7 +21,7 @@ from bench.errors import BenchError
 from bench.io import atomic_write_json
 from bench.parallel import cpu_count
 from bench.results import outcome
-from bench.runner import run_one
+from bench.runner import check_run_dir, run_one
 from bench.spec import RunSpec
 from bench.tables import collect
 
@@ -61,10 +61,13 @@ def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int 
         if summary.get("status") == "held":
             held.append(spec.run_id)
             tqdm.write(f"{spec.run_id}: {summary['error']}", file=sys.stderr)
-    if jobs > 1 and len(specs) > 1:
-        _run_parallel(specs, out, progress, min(jobs, len(specs)), finished, tracking, nproc)
+    # runs finished earlier are skipped here, as run_one would skip them, so that no worker process is started for
+    # them (a spawned worker costs seconds of imports before it can tell)
+    todo = [spec for spec in specs if check_run_dir(spec, out / spec.run_id) is None]
+    if jobs > 1 and len(todo) > 1:
+        _run_parallel(todo, out, progress, min(jobs, len(todo)), finished, tracking, nproc)
     else:
-        bar = tqdm(specs, desc="runs", position=0, disable=not progress)
+        bar = tqdm(todo, desc="runs", position=0, disable=not progress)
         for spec in bar:
             bar.set_postfix_str(spec.run_id)
             finished(spec, run_one(spec, out / spec.run_id, progress=progress, position=1, tracking=tracking,

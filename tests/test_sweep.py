@@ -9,6 +9,7 @@ import psutil
 import pytest
 import torch
 
+from bench import sweep
 from bench.io import read_json, read_jsonl
 from bench.parallel import SMALL_MODEL_PARAMS, _parameter_count, auto_jobs, cpu_count, default_threads
 from bench.spec import RunSpec
@@ -55,6 +56,15 @@ def test_parallel_sweep_equals_sequential(tmp_path, tiny, monkeypatch):
         for key in ("accuracy_base", "accuracy", "kl_ref", "kl_step", "entropy", "reward"):
             assert seq_s[key] == par_s[key], key
     assert (tmp_path / "par" / "summary.csv").is_file() and (tmp_path / "par" / "tables.md").is_file()
+    # the same sweep again: every run is finished, so no worker pool is started and no run directory is touched
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "par").rglob("*") if p.is_file() and p.parent.name != "par"}
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started for a finished sweep")
+    monkeypatch.setattr(sweep, "_run_parallel", no_pool)
+    again = run_sweep(specs, tmp_path / "par", progress=False, jobs=2)
+    assert list(again.run_id) == list(par.run_id) and list(again.status) == ["ok"] * 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 def test_killed_worker_does_not_stop_the_sweep(tmp_path, tiny, one_thread):
