@@ -100,16 +100,36 @@ def forward_threads(spec: RunSpec, model, tokenizer, prompts: list) -> int | Non
     """Threads for the run's forward passes (rollout generation, old and reference log-probs, the training forward,
     greedy evals, metric forwards) where a small model runs with one thread (run_threads): the run's free cores.
     Backward passes keep the run's one thread: LoRA weight gradients sum over tokens, and those sums are split
-    across threads. Used only where forward_is_thread_invariant holds on this model and machine, so the metrics stay
-    those of the same run inside a parallel sweep. None: no split."""
+    across threads. Used only where forward_is_thread_invariant holds on this model and machine (checked once per
+    process for each model structure, see _INVARIANT), so the metrics stay those of the same run inside a parallel
+    sweep. None: no split."""
     if pinned := env_threads("BENCH_FORWARD_THREADS"):
         return pinned
     if env_threads("BENCH_NUM_THREADS") or run_threads(spec) != 1:
         return None
     n = min(_FORWARD_CORES or cpu_count(), MAX_FORWARD_THREADS)
-    if n <= 1 or not forward_is_thread_invariant(model, tokenizer, prompts, n, spec.temperature):
+    if n <= 1:
         return 1
-    return n
+    key = (model_structure(model), n, spec.temperature, tuple(prompts[:INVARIANCE_PROMPTS]))
+    if key not in _INVARIANT:
+        _INVARIANT[key] = forward_is_thread_invariant(model, tokenizer, prompts, n, spec.temperature)
+    return n if _INVARIANT[key] else 1
+
+
+# forward_is_thread_invariant's answers in this process, per model structure, thread count, temperature and prompts:
+# whether n threads change a float depends on how the kernels split their sums, which follows the tensors' shapes,
+# dtypes and devices, not their values; so the later runs of a sequential sweep (or a test session) reuse it
+_INVARIANT: dict = {}
+
+
+def model_structure(model) -> tuple:
+    """What decides the kernels a model's forward and backward run: its class and configuration (PEFT's adapter
+    configuration too), and each parameter's name, shape, dtype, device and whether it trains; not the values."""
+    config = getattr(model, "config", None)
+    adapters = getattr(model, "peft_config", None)
+    return (type(model).__name__, config.to_json_string() if hasattr(config, "to_json_string") else repr(config),
+            repr(adapters), tuple((name, tuple(p.shape), str(p.dtype), str(p.device), p.requires_grad)
+                                  for name, p in model.named_parameters()))
 
 
 def decode_threads(forward: int | None) -> int | None:
@@ -125,6 +145,9 @@ def decode_threads(forward: int | None) -> int | None:
     return 1
 
 
+INVARIANCE_PROMPTS = 64  # forward_is_thread_invariant's rows: a generation batch's worth
+
+
 def forward_is_thread_invariant(model, tokenizer, prompts: list, n: int, temperature: float = 1.0) -> bool:
     """Whether forwards on n threads give this model's one-thread floats, checked bitwise on what the run does: a
     short greedy generation (adapters folded, as for rollouts and evals) and a logits forward; and TRL's training
@@ -133,7 +156,7 @@ def forward_is_thread_invariant(model, tokenizer, prompts: list, n: int, tempera
     from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
 
-    prompts = list(prompts)[:64]  # a generation batch's worth of rows
+    prompts = list(prompts)[:INVARIANCE_PROMPTS]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone, head = base.get_decoder(), base.get_output_embeddings()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -169,6 +169,7 @@ def test_forward_threads_use_free_cores_only_where_forwards_are_thread_invariant
         parallel.set_forward_cores(1)  # a parallel worker's share
         assert parallel.forward_threads(spec, model, tok, prompts) == 1
         parallel.set_forward_cores(2)
+        monkeypatch.setattr(parallel, "_INVARIANT", {})  # a fresh process
         monkeypatch.setattr(parallel, "forward_is_thread_invariant", lambda *a: False)  # a CPU where they differ
         assert parallel.forward_threads(spec, model, tok, prompts) == 1
         monkeypatch.setenv("BENCH_NUM_THREADS", "2")  # pinned by the user: every pass, no split
@@ -187,6 +188,43 @@ def test_decoding_keeps_one_thread_where_forwards_were_split(monkeypatch):
     assert [parallel.decode_threads(n) for n in (None, 1, 2, 4)] == [None, 1, 1, 1]
     monkeypatch.setenv("BENCH_FORWARD_THREADS", "2")
     assert parallel.decode_threads(2) == 2
+
+
+def test_thread_invariance_is_checked_once_per_model_structure(tiny, monkeypatch):
+    """forward_threads checks each model structure once per process: a policy of another seed (other values, same
+    shapes) reuses the answer, a policy of another rank (other shapes) is checked again."""
+    import copy
+
+    from bench import parallel
+    from bench.models import load_policy
+    from bench.policy import build_policy
+    from methods import get_method
+    from tasks import get_task, plain_prompt
+    model, tok = load_policy("tiny")
+    prompts = [plain_prompt(e.question) for e in get_task("synth-gsm").examples("eval")[:8]]
+    method = get_method("kl_free_lora")
+    policies = {(rank, seed): build_policy(copy.deepcopy(model), method, rank, rank, seed, method.resolve_params({}))
+                for rank, seed in ((4, 0), (4, 1), (8, 0))}
+    a, b = (dict(policies[4, s].named_parameters()) for s in (0, 1))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the seeds differ in value
+    assert parallel.model_structure(policies[4, 0]) == parallel.model_structure(policies[4, 1])
+    assert parallel.model_structure(policies[4, 0]) != parallel.model_structure(policies[8, 0])
+    checked = []
+    real = parallel.forward_is_thread_invariant
+
+    def counted(policy, *args):
+        checked.append(policy)
+        return real(policy, *args)
+    monkeypatch.setattr(parallel, "_INVARIANT", {})
+    monkeypatch.setattr(parallel, "forward_is_thread_invariant", counted)
+    try:
+        parallel.set_forward_cores(2)
+        for key in ((4, 0), (4, 1), (8, 0), (4, 0)):
+            spec = RunSpec(method="kl_free_lora", rank=key[0], seed=key[1], **SMALL)
+            assert parallel.forward_threads(spec, policies[key], tok, prompts) == 2
+    finally:
+        parallel.set_forward_cores(None)
+    assert checked == [policies[4, 0], policies[8, 0]]
 
 
 def runner_policy(model):
