@@ -110,7 +110,7 @@ def forward_threads(spec: RunSpec, model, tokenizer, prompts: list) -> int | Non
     n = min(_FORWARD_CORES or cpu_count(), MAX_FORWARD_THREADS)
     if n <= 1:
         return 1
-    key = (model_structure(model), n, spec.temperature, tuple(prompts[:INVARIANCE_PROMPTS]))
+    key = (model_structure(model), n, spec.temperature, repr(list(prompts[:INVARIANCE_PROMPTS])))  # text or chat
     if key not in _INVARIANT:
         _INVARIANT[key] = forward_is_thread_invariant(model, tokenizer, prompts, n, spec.temperature)
     return n if _INVARIANT[key] else 1
