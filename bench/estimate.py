@@ -201,8 +201,8 @@ def _decode_timing(model, vocab: int, rows: int, prompt: int, device: str) -> tu
 def check_sweep_cost(specs, out, jobs: int, yes: bool) -> None:
     """`bench run`'s estimate of the runs not finished yet in `out`, printed; refused (BenchError) where a run is
     beyond this device, unless yes."""
-    from bench.runner import check_run_dir
-    todo = [s for s in specs if check_run_dir(s, out / s.run_id) is None]
+    from bench.runner import unfinished_runs
+    todo = unfinished_runs(specs, out)
     if not todo:
         return
     est = estimate(todo, jobs)

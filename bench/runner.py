@@ -247,6 +247,11 @@ def check_run_dir(spec: RunSpec, run_dir: Path) -> dict | None:
     return None
 
 
+def unfinished_runs(specs, out: Path) -> list:
+    """The specs whose run directory under `out` holds no finished run (check_run_dir), in order."""
+    return [spec for spec in specs if check_run_dir(spec, out / spec.run_id) is None]
+
+
 def run_one(spec: RunSpec, run_dir: Path, progress: bool = True, position: int = 1, bar=None,
             tracking=None, nproc: int = 1) -> dict:
     """Run (or skip, or resume) one run; always leaves a summary.json with its status. A run that another process

@@ -21,7 +21,7 @@ from bench.errors import BenchError
 from bench.io import atomic_write_json
 from bench.parallel import cpu_count
 from bench.results import outcome
-from bench.runner import check_run_dir, run_one
+from bench.runner import run_one, unfinished_runs
 from bench.spec import RunSpec
 from bench.tables import collect
 
@@ -63,7 +63,7 @@ def run_sweep(specs: list[RunSpec], out: Path, progress: bool = True, jobs: int 
             tqdm.write(f"{spec.run_id}: {summary['error']}", file=sys.stderr)
     # runs finished earlier are skipped here, as run_one would skip them, so that no worker process is started for
     # them (a spawned worker costs seconds of imports before it can tell)
-    todo = [spec for spec in specs if check_run_dir(spec, out / spec.run_id) is None]
+    todo = unfinished_runs(specs, out)
     if jobs > 1 and len(todo) > 1:
         _run_parallel(todo, out, progress, min(jobs, len(todo)), finished, tracking, nproc)
     else:
